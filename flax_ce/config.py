@@ -1,0 +1,107 @@
+"""Model configs: frozen dataclasses built from a checkpoint's config.json, rejecting what we do not implement."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from flax_ce.activations import HIDDEN_ACTIVATIONS
+
+
+class ConfigError(ValueError):
+    """config.json asks for something flax_ce does not implement; the message lists every problem."""
+
+
+class ConfigReader:
+    """Reads typed fields from a raw config dict and collects every problem before raising once."""
+
+    def __init__(self, raw: Mapping[str, Any], source: str):
+        self.raw = raw
+        self.source = source
+        self.problems: list[str] = []
+
+    def get(
+        self, key: str, default: Any = dataclasses.MISSING, kind: type | tuple[type, ...] = object
+    ) -> Any:
+        """Value of `key` (or `default`); records a problem if missing or of the wrong type."""
+        if key not in self.raw or self.raw[key] is None and default is not dataclasses.MISSING:
+            if default is dataclasses.MISSING:
+                self.problems.append(f"missing required key {key!r}")
+            return default
+        value = self.raw[key]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind in (int, float)):
+            self.problems.append(f"{key!r} must be {getattr(kind, '__name__', kind)}, got {value!r}")
+            return default if default is not dataclasses.MISSING else None
+        return value
+
+    def require(self, ok: bool, message: str) -> None:
+        """Record `message` as a problem unless `ok`."""
+        if not ok:
+            self.problems.append(message)
+
+    def activation(self, key: str, default: str) -> str:
+        """A `hidden_act`-style name that we implement."""
+        name = self.get(key, default, str)
+        if name is not None and name not in HIDDEN_ACTIVATIONS:
+            self.problems.append(
+                f"{key}={name!r} is not supported (supported: {', '.join(sorted(HIDDEN_ACTIVATIONS))})"
+            )
+            return default
+        return name
+
+    def finish(self) -> None:
+        """Raise one ConfigError listing every recorded problem."""
+        if self.problems:
+            listing = "\n  - ".join(self.problems)
+            raise ConfigError(f"{self.source}: unsupported model configuration:\n  - {listing}")
+
+
+def read_labels(reader: ConfigReader) -> tuple[int, tuple[str, ...]]:
+    """num_labels and the label names by id, from `id2label` (as transformers reads it) or `num_labels`."""
+    raw_labels = reader.raw.get("id2label")
+    if isinstance(raw_labels, Mapping) and raw_labels:
+        try:
+            by_id = {int(k): str(v) for k, v in raw_labels.items()}
+        except (TypeError, ValueError):
+            reader.problems.append(f"id2label keys must be integers, got {list(raw_labels)!r}")
+            return 1, ("LABEL_0",)
+        reader.require(
+            sorted(by_id) == list(range(len(by_id))), f"id2label ids must be 0..N-1, got {sorted(by_id)}"
+        )
+        return len(by_id), tuple(by_id.get(i, f"LABEL_{i}") for i in range(len(by_id)))
+    num_labels = reader.get("num_labels", 2, int)
+    reader.require(num_labels is None or num_labels >= 1, f"num_labels must be >= 1, got {num_labels}")
+    num_labels = max(num_labels or 1, 1)
+    return num_labels, tuple(f"LABEL_{i}" for i in range(num_labels))
+
+
+def load_config_json(model_dir: str | os.PathLike) -> dict[str, Any]:
+    """Parse `<model_dir>/config.json` with errors that name the file."""
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: config.json not found; a model directory needs one")
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    return raw
+
+
+def config_from_dict(raw: Mapping[str, Any], source: str = "config.json"):
+    """Build the family's frozen config from a raw HF config dict (dispatch on `model_type`)."""
+    from flax_ce.models import FAMILIES
+
+    model_type = raw.get("model_type")
+    if model_type not in FAMILIES:
+        raise ConfigError(
+            f"{source}: model_type {model_type!r} is not supported (supported: {', '.join(sorted(FAMILIES))})"
+        )
+    return FAMILIES[model_type].config_from_dict(raw, source)

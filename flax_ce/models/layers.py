@@ -1,0 +1,128 @@
+"""Building blocks shared by every encoder family: dense, layer norm, feed-forward, classification head."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from flax_ce.activations import HIDDEN_ACTIVATIONS
+
+
+def dense(
+    in_features: int, out_features: int, *, rngs: nnx.Rngs, dtype=jnp.float32, use_bias: bool = True
+) -> nnx.Linear:
+    """A Linear layer with torch's default init scale; parameters are fp32, computation in `dtype`."""
+    return nnx.Linear(
+        in_features,
+        out_features,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=nnx.initializers.normal(0.02),
+        rngs=rngs,
+    )
+
+
+def layer_norm(features: int, eps: float, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    """LayerNorm with the checkpoint's eps and exact (two-pass) variance, always computed in fp32."""
+    return nnx.LayerNorm(
+        features, epsilon=eps, use_fast_variance=False, dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs
+    )
+
+
+def embedding(num: int, features: int, *, rngs: nnx.Rngs, dtype=jnp.float32) -> nnx.Embed:
+    """An embedding table (fp32 parameters)."""
+    return nnx.Embed(
+        num,
+        features,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        embedding_init=nnx.initializers.normal(0.02),
+        rngs=rngs,
+    )
+
+
+def dropout(rate: float, *, rngs: nnx.Rngs) -> nnx.Dropout:
+    """Dropout that is off until `model.train()`; inference never needs an RNG key."""
+    return nnx.Dropout(rate, deterministic=True, rngs=rngs)
+
+
+class ResidualOutput(nnx.Module):
+    """`LN(dropout(dense(x)) + residual)`: the attention-output and feed-forward-output block."""
+
+    def __init__(
+        self, in_features: int, hidden: int, eps: float, dropout_rate: float, *, rngs: nnx.Rngs, dtype
+    ):
+        self.dense = dense(in_features, hidden, rngs=rngs, dtype=dtype)
+        self.norm = layer_norm(hidden, eps, rngs=rngs)
+        self.dropout = dropout(dropout_rate, rngs=rngs)
+
+    def __call__(self, x: jax.Array, residual: jax.Array) -> jax.Array:
+        y = self.dropout(self.dense(x))
+        return self.norm(y.astype(jnp.float32) + residual.astype(jnp.float32)).astype(x.dtype)
+
+
+class FeedForward(nnx.Module):
+    """`LN(dense_out(act(dense_in(x))) + x)`, identical in BERT-family and DeBERTa layers."""
+
+    def __init__(
+        self,
+        hidden: int,
+        intermediate: int,
+        act: str,
+        eps: float,
+        dropout_rate: float,
+        *,
+        rngs: nnx.Rngs,
+        dtype,
+    ):
+        self.intermediate = dense(hidden, intermediate, rngs=rngs, dtype=dtype)
+        self.act = HIDDEN_ACTIVATIONS[act]
+        self.output = ResidualOutput(intermediate, hidden, eps, dropout_rate, rngs=rngs, dtype=dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.output(self.act(self.intermediate(x)), x)
+
+
+class ClassificationHead(nnx.Module):
+    """`out_proj(act(dense(h[:, 0])))`: BERT's pooler+classifier, RoBERTa/ELECTRA heads, DeBERTa's pooler."""
+
+    def __init__(
+        self,
+        hidden: int,
+        pooled: int,
+        num_labels: int,
+        act: str,
+        dropout_rate: float,
+        *,
+        rngs: nnx.Rngs,
+        dtype,
+        dropout_before_dense: bool = True,
+    ):
+        # BERT's pooler reads h[:, 0] directly; RoBERTa/ELECTRA/DeBERTa apply dropout to it first.
+        self.dropout_before_dense = dropout_before_dense
+        self.dense = dense(hidden, pooled, rngs=rngs, dtype=dtype)
+        self.out_proj = dense(pooled, num_labels, rngs=rngs, dtype=dtype)
+        self.act = HIDDEN_ACTIVATIONS[act]
+        self.dropout = dropout(dropout_rate, rngs=rngs)
+
+    def __call__(self, hidden_states: jax.Array) -> jax.Array:
+        """[batch, seq, hidden] -> logits [batch, num_labels] (fp32)."""
+        x = hidden_states[:, 0]
+        if self.dropout_before_dense:
+            x = self.dropout(x)
+        x = self.dropout(self.act(self.dense(x)))
+        return self.out_proj(x).astype(jnp.float32)
+
+
+def split_heads(x: jax.Array, num_heads: int) -> jax.Array:
+    """[batch, seq, heads * d] -> [batch, seq, heads, d]."""
+    return x.reshape(*x.shape[:-1], num_heads, x.shape[-1] // num_heads)
+
+
+def head_scale(head_dim: int, factor: int = 1) -> float:
+    """1 / sqrt(head_dim * factor), computed in Python float as the references do."""
+    return 1.0 / math.sqrt(head_dim * factor)
