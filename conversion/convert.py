@@ -92,22 +92,21 @@ def build_module(
     """
     abstract = nnx.eval_shape(lambda: constructor(nnx.Rngs(seed)))
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+    if jax.tree.leaves(rest):
+        raise TypeError("flax_ce modules must hold only parameters; found other state")
     expected = {path: var.value for path, var in nnx.to_flat_state(params)}
     filled = map_state_dict(tensors, table, expected, source, allow_missing)
-    # Non-parameter state (dropout RNG streams) and any allowed-missing parameters are initialised for
-    # real; jit drops the random initialisation of everything that is not returned.
     need_init = [p for p in expected if p not in filled]
+    if need_init:
+        # A fresh head (allowed missing): initialise for real; jit drops the initialisation of
+        # everything that is not returned, so this costs only the missing parameters.
+        @jax.jit
+        def init_missing():
+            flat = dict(nnx.to_flat_state(nnx.state(constructor(nnx.Rngs(seed)), nnx.Param)))
+            return {p: flat[p].value for p in need_init}
 
-    @jax.jit
-    def init_rest():
-        _, fresh_params, fresh_rest = nnx.split(constructor(nnx.Rngs(seed)), nnx.Param, ...)
-        flat = dict(nnx.to_flat_state(fresh_params))
-        return {p: flat[p].value for p in need_init}, fresh_rest
-
-    fresh, rest = init_rest()
+        filled = {**init_missing(), **filled}
     flat_params = nnx.to_flat_state(params)
-    values = {**fresh, **filled}
     for path, var in flat_params:
-        var.value = jax.numpy.asarray(values[path])
-    params = nnx.from_flat_state(flat_params)
-    return nnx.merge(graphdef, params, rest)
+        var.value = jax.numpy.asarray(filled[path])
+    return nnx.merge(graphdef, nnx.from_flat_state(flat_params), rest)

@@ -45,3 +45,49 @@ HIDDEN_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "mish": _mish,
     "linear": lambda x: x,
 }
+
+
+def _torch_softmax(x: jax.Array) -> jax.Array:
+    # torch.nn.Softmax() with dim=None picks dim 0 for 0-, 1- and 3-d inputs and dim 1 otherwise.
+    return jax.nn.softmax(x, axis=0 if x.ndim in (0, 1, 3) else 1)
+
+
+def _torch_log_softmax(x: jax.Array) -> jax.Array:
+    return jax.nn.log_softmax(x, axis=0 if x.ndim in (0, 1, 3) else 1)
+
+
+# torch.nn activation classes that a config may name, mapped to JAX functions. Nothing is imported.
+SCORE_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "Identity": lambda x: x,
+    "Sigmoid": jax.nn.sigmoid,
+    "Tanh": jnp.tanh,
+    "ReLU": jax.nn.relu,
+    "GELU": _gelu_exact,
+    "SiLU": jax.nn.silu,
+    "LogSigmoid": jax.nn.log_sigmoid,
+    "Softplus": jax.nn.softplus,
+    "Softmax": _torch_softmax,
+    "LogSoftmax": _torch_log_softmax,
+}
+TORCH_MODULES = ("torch.nn.", "torch.nn.modules.linear.", "torch.nn.modules.activation.")
+
+
+def activation_from_name(name: str) -> Callable[[jax.Array], jax.Array]:
+    """JAX function for a torch activation class path such as `torch.nn.modules.activation.Sigmoid`."""
+    for module in TORCH_MODULES:
+        short = name.removeprefix(module)
+        if name.startswith(module) and short in SCORE_ACTIVATIONS:
+            return SCORE_ACTIVATIONS[short]
+    raise ValueError(
+        f"activation {name!r} is not supported; use a JAX callable or one of "
+        f"{', '.join('torch.nn.' + n for n in SCORE_ACTIVATIONS)}"
+    )
+
+
+def torch_name(fn: Callable) -> str | None:
+    """The torch class path sentence-transformers writes for one of our activations, if it is one."""
+    for short, candidate in SCORE_ACTIVATIONS.items():
+        if candidate is fn:
+            module = "torch.nn.modules.linear." if short == "Identity" else "torch.nn.modules.activation."
+            return module + short
+    return None

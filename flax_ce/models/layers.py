@@ -46,8 +46,13 @@ def embedding(num: int, features: int, *, rngs: nnx.Rngs, dtype=jnp.float32) -> 
 
 
 def dropout(rate: float, *, rngs: nnx.Rngs) -> nnx.Dropout:
-    """Dropout that is off until `model.train()`; inference never needs an RNG key."""
-    return nnx.Dropout(rate, deterministic=True, rngs=rngs)
+    """Dropout that is off until `model.train()`.
+
+    It holds no RNG stream, so an inference model's state is its parameters alone; training attaches
+    streams (see `flax_ce.training`).
+    """
+    del rngs
+    return nnx.Dropout(rate, deterministic=True)
 
 
 class ResidualOutput(nnx.Module):

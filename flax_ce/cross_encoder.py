@@ -1,0 +1,275 @@
+"""`CrossEncoder`: the sentence-transformers CrossEncoder API over a jit-compiled Flax model."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from flax_ce.activations import SCORE_ACTIVATIONS, activation_from_name
+from flax_ce.config import config_from_dict, load_config_json
+from flax_ce.hub import resolve_model_dir
+from flax_ce.inputs import check_positive, normalise_pairs
+from flax_ce.loading import load_model, load_tokenizer
+
+logger = logging.getLogger("flax_ce")
+
+LENGTH_BUCKET = 32
+
+
+def default_activation(model_dir: str, raw_config: dict, num_labels: int) -> Callable:
+    """sentence-transformers' default activation rule; only torch.* class names are honoured."""
+    st_config_path = os.path.join(model_dir, "config_sentence_transformers.json")
+    candidates: list[tuple[str, object]] = []
+    if os.path.isfile(st_config_path):
+        with open(st_config_path, encoding="utf-8") as f:
+            candidates.append((st_config_path, json.load(f).get("activation_fn")))
+    st_section = raw_config.get("sentence_transformers")
+    if isinstance(st_section, dict) and "activation_fn" in st_section:
+        candidates.append(("config.json sentence_transformers.activation_fn", st_section["activation_fn"]))
+    elif raw_config.get("sbert_ce_default_activation_function") is not None:
+        candidates.append(
+            (
+                "config.json sbert_ce_default_activation_function",
+                raw_config["sbert_ce_default_activation_function"],
+            )
+        )
+    for origin, name in candidates:
+        if name is None:
+            continue
+        if isinstance(name, str) and name.startswith("torch."):
+            return activation_from_name(name)
+        logger.warning(
+            "Ignoring activation %r from %s: only torch.nn activation names are honoured", name, origin
+        )
+    return SCORE_ACTIVATIONS["Sigmoid"] if num_labels == 1 else SCORE_ACTIVATIONS["Identity"]
+
+
+def position_limit(config) -> int | None:
+    """The longest sequence the model's position embeddings can index, or None if unlimited."""
+    if config.model_type == "roberta":
+        return config.max_position_embeddings - config.pad_token_id - 1
+    if getattr(config, "position_biased_input", True):
+        return config.max_position_embeddings
+    return None
+
+
+def bucket_length(longest: int, max_length: int) -> int:
+    """Padded sequence length: the next multiple of 32, capped at max_length."""
+    return min(-(-max(longest, 1) // LENGTH_BUCKET) * LENGTH_BUCKET, max_length)
+
+
+class CrossEncoder:
+    """Scores text pairs with a BERT/RoBERTa/ELECTRA/DeBERTa cross-encoder, like sentence_transformers.CrossEncoder."""
+
+    def __init__(
+        self,
+        model_name_or_path: str | os.PathLike,
+        max_length: int | None = None,
+        activation_fn: Callable | str | None = None,
+        dtype=jnp.float32,
+        cache_dir: str | None = None,
+        revision: str | None = None,
+    ):
+        self.model_dir = resolve_model_dir(model_name_or_path, cache_dir=cache_dir, revision=revision)
+        self.raw_config = load_config_json(self.model_dir)
+        self.config = config_from_dict(self.raw_config, os.path.join(self.model_dir, "config.json"))
+        self.dtype = dtype
+        self.model = load_model(self.model_dir, self.config, dtype=dtype)
+        self.tokenizer = load_tokenizer(self.model_dir)
+        self.max_length = self._resolve_max_length(max_length)
+        self.tokenizer.model_max_length = self.max_length
+        if isinstance(activation_fn, str):
+            activation_fn = activation_from_name(activation_fn)
+        self.activation_fn = activation_fn or default_activation(
+            self.model_dir, self.raw_config, self.num_labels
+        )
+        self._graphdef, self._state = nnx.split(self.model)
+        # One jitted forward per activation, fused so scoring a batch is a single compiled call.
+        self._forward_by_activation: dict[Callable, Callable] = {}
+        self.compiled_shapes: set[tuple[int, int]] = set()
+
+    @property
+    def num_labels(self) -> int:
+        return self.config.num_labels
+
+    def _resolve_max_length(self, max_length: int | None) -> int:
+        limit = position_limit(self.config)
+        if max_length is None:
+            # sentence-transformers caps the tokenizer's limit at max_position_embeddings.
+            max_length = min(self.tokenizer.model_max_length, self.config.max_position_embeddings)
+            if limit is not None:
+                max_length = min(max_length, limit)
+        check_positive("max_length", max_length)
+        if limit is not None and max_length > limit:
+            raise ValueError(f"max_length={max_length} exceeds what this model's positions allow ({limit})")
+        return int(max_length)
+
+    def _forward(self, activation_fn: Callable) -> Callable:
+        if activation_fn not in self._forward_by_activation:
+            graphdef = self._graphdef
+
+            def forward(state, input_ids, attention_mask, token_type_ids):
+                logits = nnx.merge(graphdef, state)(input_ids, attention_mask, token_type_ids)
+                return activation_fn(logits)
+
+            self._forward_by_activation[activation_fn] = jax.jit(forward)
+        return self._forward_by_activation[activation_fn]
+
+    def tokenize(self, pairs: Sequence[tuple[str, str]]) -> dict[str, list[list[int]]]:
+        """Token ids (unpadded) for pairs, truncated longest-first to max_length as sentence-transformers does."""
+        if not pairs:
+            return {"input_ids": [], "token_type_ids": []}
+        encoded = self.tokenizer(
+            [a for a, _ in pairs],
+            [b for _, b in pairs],
+            truncation="longest_first",
+            max_length=self.max_length,
+            padding=False,
+            return_attention_mask=False,
+            return_token_type_ids=True,
+        )
+        return {"input_ids": encoded["input_ids"], "token_type_ids": encoded.get("token_type_ids")}
+
+    def _host_batch(self, ids: list[list[int]], types: list[list[int]] | None, rows: int):
+        """int32 arrays [rows, bucket] padded with the pad token; missing rows are all-padding."""
+        length = bucket_length(max(len(x) for x in ids), self.max_length)
+        pad_id = self.tokenizer.pad_token_id or 0
+        input_ids = np.full((rows, length), pad_id, dtype=np.int32)
+        mask = np.zeros((rows, length), dtype=np.int32)
+        token_types = np.zeros((rows, length), dtype=np.int32)
+        for i, seq in enumerate(ids):
+            input_ids[i, : len(seq)] = seq
+            mask[i, : len(seq)] = 1
+            if types is not None:
+                token_types[i, : len(seq)] = types[i]
+        return input_ids, mask, token_types
+
+    def logits(
+        self, pairs: Sequence[tuple[str, str]], batch_size: int = 32, show_progress_bar=None
+    ) -> np.ndarray:
+        """Raw logits [N, num_labels] (fp32) for pairs, in the caller's order."""
+        pairs, _ = normalise_pairs(pairs)
+        return self._scores(pairs, SCORE_ACTIVATIONS["Identity"], batch_size, show_progress_bar)
+
+    def _scores(self, pairs, activation_fn: Callable, batch_size: int, show_progress_bar) -> np.ndarray:
+        """activation(logits) [N, num_labels] for validated pairs, batch by batch, in the caller's order."""
+        check_positive("batch_size", batch_size)
+        forward = self._forward(activation_fn)
+        tokens = self.tokenize(pairs)
+        ids, types = tokens["input_ids"], tokens["token_type_ids"]
+        self._check_token_ranges(ids, types)
+        order = np.argsort([-len(x) for x in ids], kind="stable")
+        out = np.zeros((len(ids), self.num_labels), dtype=np.float32)
+        if show_progress_bar is None:
+            show_progress_bar = logger.getEffectiveLevel() in (logging.INFO, logging.DEBUG)
+        starts = range(0, len(ids), batch_size)
+        for start in tqdm(starts, desc="Batches", disable=not show_progress_bar):
+            index = order[start : start + batch_size]
+            batch = self._host_batch(
+                [ids[i] for i in index], None if types is None else [types[i] for i in index], batch_size
+            )
+            self.compiled_shapes.add(batch[0].shape)
+            out[index] = np.asarray(forward(self._state, *batch))[: len(index)]
+        return out
+
+    def _check_token_ranges(self, ids, types) -> None:
+        vocab = self.config.vocab_size
+        type_vocab = getattr(self.config, "type_vocab_size", 0)
+        for i, seq in enumerate(ids):
+            if seq and max(seq) >= vocab:
+                raise ValueError(f"pair {i}: token id {max(seq)} is outside the model's vocabulary ({vocab})")
+            if types is not None and type_vocab > 0 and types[i] and max(types[i]) >= type_vocab:
+                raise ValueError(
+                    f"pair {i}: token type {max(types[i])} is outside the model's type_vocab_size ({type_vocab})"
+                )
+
+    def predict(
+        self,
+        inputs=None,
+        batch_size: int = 32,
+        show_progress_bar: bool | None = None,
+        activation_fn: Callable | str | None = None,
+        apply_softmax: bool = False,
+        convert_to_numpy: bool = True,
+        convert_to_tensor: bool = False,
+        **legacy,
+    ):
+        """Scores for one pair or a list of pairs: [N] for 1-label models, [N, C] otherwise."""
+        inputs = _legacy_argument(legacy, "sentences", "inputs", inputs)
+        activation_fn = _legacy_argument(legacy, "activation_fct", "activation_fn", activation_fn)
+        if legacy:
+            raise TypeError(f"predict() got unexpected keyword arguments: {', '.join(sorted(legacy))}")
+        pairs, single = normalise_pairs(inputs)
+        check_positive("batch_size", batch_size)
+        if isinstance(activation_fn, str):
+            activation_fn = activation_from_name(activation_fn)
+        activation_fn = activation_fn or self.activation_fn
+        if not pairs:
+            scores = np.zeros((0,), dtype=np.float32)
+        else:
+            scores = self._scores(pairs, activation_fn, batch_size, show_progress_bar)
+            if self.num_labels == 1:
+                scores = scores[:, 0]
+            elif apply_softmax:
+                shifted = np.exp(scores - scores.max(axis=1, keepdims=True))
+                scores = shifted / shifted.sum(axis=1, keepdims=True)
+        if convert_to_tensor:
+            result = jnp.asarray(scores)
+        elif convert_to_numpy:
+            result = scores
+        else:
+            result = list(scores)
+        return result[0] if single else result
+
+    def rank(
+        self,
+        query: str,
+        documents: Sequence[str],
+        top_k: int | None = None,
+        return_documents: bool = False,
+        batch_size: int = 32,
+        show_progress_bar: bool | None = None,
+        activation_fn: Callable | str | None = None,
+    ) -> list[dict]:
+        """Documents sorted by score for `query`: [{"corpus_id", "score"(, "text")}], best first."""
+        if self.num_labels != 1:
+            raise ValueError(
+                f"rank() needs a model with num_labels=1; this one has {self.num_labels} "
+                f"({', '.join(self.config.labels)}). Use predict() with pairs instead."
+            )
+        if not isinstance(query, str):
+            raise TypeError(f"query must be a string, got {type(query).__name__}")
+        if isinstance(documents, str) or not isinstance(documents, (Sequence, np.ndarray)):
+            raise TypeError(f"documents must be a list of strings, got {type(documents).__name__}")
+        check_positive("top_k", top_k, allow_none=True)
+        for i, doc in enumerate(documents):
+            if not isinstance(doc, str):
+                raise TypeError(f"document {i}: expected str, got {type(doc).__name__}")
+        scores = self.predict(
+            [(query, doc) for doc in documents],
+            batch_size=batch_size,
+            show_progress_bar=show_progress_bar,
+            activation_fn=activation_fn,
+        )
+        results = [{"corpus_id": i, "score": float(s)} for i, s in enumerate(scores)]
+        if return_documents:
+            for r in results:
+                r["text"] = documents[r["corpus_id"]]
+        results.sort(key=lambda r: r["score"], reverse=True)
+        return results[:top_k]
+
+
+def _legacy_argument(legacy: dict, old: str, new: str, value):
+    if old in legacy:
+        if value is not None:
+            raise TypeError(f"pass either {new!r} or its legacy name {old!r}, not both")
+        return legacy.pop(old)
+    return value

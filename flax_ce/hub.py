@@ -1,0 +1,69 @@
+"""Resolve a model name to a local directory: a directory as is, a hub id through huggingface_hub."""
+
+from __future__ import annotations
+
+import os
+
+# Only what a cross-encoder needs: the repos also hold large onnx/ and openvino/ exports.
+ALLOW_PATTERNS = [
+    "config.json",
+    "config_sentence_transformers.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "spm.model",
+    "sentencepiece.bpe.model",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "model-*-of-*.safetensors",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+    "pytorch_model-*-of-*.bin",
+]
+IGNORE_PATTERNS = ["onnx/*", "openvino/*", "*.onnx", "*.h5", "*.msgpack", "*.ot", "tf_model*", "flax_model*"]
+
+
+def resolve_model_dir(
+    model_name_or_path: str | os.PathLike, cache_dir: str | None = None, revision: str | None = None
+) -> str:
+    """Local directory holding the model's files; downloads (or reads the hub cache) for a hub id."""
+    if not isinstance(model_name_or_path, (str, os.PathLike)):
+        raise TypeError(
+            f"model_name_or_path must be a path or hub id, got {type(model_name_or_path).__name__}"
+        )
+    path = os.fspath(model_name_or_path)
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path):
+        raise NotADirectoryError(f"{path}: is a file; pass the model directory that holds config.json")
+    if path.startswith((".", "/", "~")) or path.count("/") > 1:
+        raise FileNotFoundError(f"{path}: no such model directory")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        return snapshot_download(
+            repo_id=path,
+            revision=revision,
+            cache_dir=cache_dir,
+            allow_patterns=ALLOW_PATTERNS,
+            ignore_patterns=IGNORE_PATTERNS,
+        )
+    except HFValidationError as e:
+        raise FileNotFoundError(f"{path}: neither a local directory nor a valid hub id ({e})") from e
+    except Exception as e:  # noqa: BLE001 - any hub/network failure gets the same actionable message
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        reason = (
+            "HF_HUB_OFFLINE is set and it is not in the cache"
+            if offline
+            else "the Hugging Face hub is unreachable or refused it"
+        )
+        raise OSError(
+            f"could not fetch {path!r} from the Hugging Face hub ({reason}: {type(e).__name__}: {e}). "
+            "Download the model elsewhere (config.json, tokenizer files and model.safetensors or "
+            "pytorch_model.bin) and pass its local directory instead, e.g. CrossEncoder('/path/to/model')."
+        ) from e

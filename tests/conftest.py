@@ -1,0 +1,85 @@
+"""Session fixtures: tiny local checkpoints (built once) and reference scores from torch."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+
+import jax
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import checkpoints  # noqa: E402
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TOLERANCE = 1e-4
+
+
+def pytest_configure(config):
+    # Many tests build a CrossEncoder for the same tiny model; a session-local persistent cache lets
+    # identical programs compile once. It starts empty, so it cannot hide a change in the code.
+    import tempfile
+
+    cache_dir = tempfile.mkdtemp(prefix="flax_ce_jax_cache_")
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+@pytest.fixture(scope="session")
+def ckpt_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("checkpoints")
+
+
+@pytest.fixture(scope="session")
+def bert_dir(ckpt_root):
+    return checkpoints.build_random("bert", str(ckpt_root / "bert"))
+
+
+@pytest.fixture(scope="session")
+def roberta_dir(ckpt_root):
+    return checkpoints.build_random("roberta", str(ckpt_root / "roberta"), num_labels=3)
+
+
+@pytest.fixture(scope="session")
+def electra_dir(ckpt_root):
+    return checkpoints.build_random("electra", str(ckpt_root / "electra"))
+
+
+@pytest.fixture(scope="session")
+def minilm_dir(ckpt_root):
+    return checkpoints.build_minilm(str(ckpt_root / "minilm"))
+
+
+@pytest.fixture(scope="session")
+def family_dirs(bert_dir, roberta_dir, electra_dir):
+    return {"bert": bert_dir, "roberta": roberta_dir, "electra": electra_dir}
+
+
+@pytest.fixture(autouse=True)
+def fp32_matmuls():
+    """Parity is measured in full fp32 (XLA's default may use lower-precision passes on accelerators)."""
+    with jax.default_matmul_precision("float32"):
+        yield
+
+
+@contextlib.contextmanager
+def count_compiles():
+    """Counts XLA backend compilations inside the block: `with count_compiles() as n: ...; n[0]`."""
+    from jax._src import dispatch, monitoring
+
+    counter = [0]
+
+    def listener(event, duration, **kwargs):
+        if event == dispatch.BACKEND_COMPILE_EVENT:
+            counter[0] += 1
+
+    monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield counter
+    finally:
+        monitoring.unregister_event_duration_listener(listener)
