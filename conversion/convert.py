@@ -46,6 +46,8 @@ def map_state_dict(
             continue
         path, layout = mapped
         if path not in expected:
+            if table.ignored(name):  # the reference drops it when the config has no place for it
+                continue
             problems.append(f"key {key!r} maps to {_format(path)!r}, which this config's model does not have")
             continue
         if path in filled:

@@ -131,3 +131,52 @@ TABLES: dict[str, KeyTable] = {
         ignore=BUFFERS + (r"discriminator_predictions\..*", r"generator_.*"),
     ),
 }
+
+# DeBERTa v1 and v2/v3 share embeddings, output blocks, feed-forward and the ContextPooler head.
+DEBERTA_SHARED = (
+    Rule(r"embeddings\.word_embeddings", "embeddings.word", Kind.EMBED),
+    Rule(r"embeddings\.position_embeddings", "embeddings.position", Kind.EMBED),
+    Rule(r"embeddings\.token_type_embeddings", "embeddings.token_type", Kind.EMBED),
+    Rule(r"embeddings\.embed_proj", "embeddings.projection", Kind.LINEAR),
+    Rule(r"embeddings\.LayerNorm", "embeddings.norm", Kind.NORM),
+    Rule(r"encoder\.rel_embeddings", "rel_embeddings", Kind.EMBED),
+    Rule(rf"{L}\.attention\.output\.dense", "layers.{1}.attention.output.dense", Kind.LINEAR),
+    Rule(rf"{L}\.attention\.output\.LayerNorm", "layers.{1}.attention.output.norm", Kind.NORM),
+    Rule(rf"{L}\.intermediate\.dense", "layers.{1}.ffn.intermediate", Kind.LINEAR),
+    Rule(rf"{L}\.output\.dense", "layers.{1}.ffn.output.dense", Kind.LINEAR),
+    Rule(rf"{L}\.output\.LayerNorm", "layers.{1}.ffn.output.norm", Kind.NORM),
+    Rule(r"pooler\.dense", "head.dense", Kind.LINEAR),
+    Rule(r"classifier", "head.out_proj", Kind.LINEAR),
+)
+# The published checkpoints keep `embeddings.position_embeddings` even when position_biased_input is
+# false; transformers drops it then (`_keys_to_ignore_on_load_unexpected`), as it drops MLM heads.
+DEBERTA_IGNORE = (
+    r"embeddings\.position_ids",
+    r"embeddings\.position_embeddings\.weight",
+    r"lm_predictions\..*",
+    r"mask_predictions\..*",
+    r"cls\..*",
+)
+TABLES["deberta"] = KeyTable(
+    prefix="deberta.",
+    rules=DEBERTA_SHARED
+    + (
+        Rule(rf"{L}\.attention\.self\.in_proj", "layers.{1}.attention.in_proj", Kind.LINEAR),
+        Rule(rf"{L}\.attention\.self\.(q_bias|v_bias)", "layers.{1}.attention.{2}", Kind.PARAM),
+        Rule(rf"{L}\.attention\.self\.pos_proj", "layers.{1}.attention.pos_key_proj", Kind.LINEAR),
+        Rule(rf"{L}\.attention\.self\.pos_q_proj", "layers.{1}.attention.pos_query_proj", Kind.LINEAR),
+    ),
+    ignore=DEBERTA_IGNORE,
+)
+TABLES["deberta-v2"] = KeyTable(
+    prefix="deberta.",
+    rules=DEBERTA_SHARED
+    + (
+        Rule(rf"{L}\.attention\.self\.(query|key|value)_proj", "layers.{1}.attention.{2}", Kind.LINEAR),
+        Rule(rf"{L}\.attention\.self\.(pos_(key|query)_proj)", "layers.{1}.attention.{2}", Kind.LINEAR),
+        Rule(r"encoder\.LayerNorm", "rel_norm", Kind.NORM),
+        Rule(r"encoder\.conv\.conv", "conv.conv", Kind.CONV1D),
+        Rule(r"encoder\.conv\.LayerNorm", "conv.norm", Kind.NORM),
+    ),
+    ignore=DEBERTA_IGNORE,
+)

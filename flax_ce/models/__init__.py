@@ -6,7 +6,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from flax_ce.models import bert
+from flax_ce.models import bert, deberta
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,3 +20,6 @@ class Family:
 FAMILIES: dict[str, Family] = {
     name: Family(bert.config_from_dict, bert.BertCrossEncoder) for name in bert.MODEL_TYPES
 }
+FAMILIES.update(
+    {name: Family(deberta.config_from_dict, deberta.DebertaCrossEncoder) for name in deberta.MODEL_TYPES}
+)

@@ -219,7 +219,7 @@ class BertCrossEncoder(nnx.Module):
             config.hidden_dropout_prob if config.model_type == "bert" else head_dropout,
             rngs=rngs,
             dtype=dtype,
-            dropout_before_dense=config.model_type != "bert",
+            input_dropout_rate=0.0 if config.model_type == "bert" else head_dropout,
         )
 
     def encode(

@@ -105,10 +105,11 @@ class ClassificationHead(nnx.Module):
         *,
         rngs: nnx.Rngs,
         dtype,
-        dropout_before_dense: bool = True,
+        input_dropout_rate: float = 0.0,
     ):
-        # BERT's pooler reads h[:, 0] directly; RoBERTa/ELECTRA/DeBERTa apply dropout to it first.
-        self.dropout_before_dense = dropout_before_dense
+        # BERT's pooler reads h[:, 0] directly (rate 0); RoBERTa/ELECTRA drop it at the head's rate,
+        # DeBERTa at `pooler_dropout`.
+        self.input_dropout = dropout(input_dropout_rate, rngs=rngs)
         self.dense = dense(hidden, pooled, rngs=rngs, dtype=dtype)
         self.out_proj = dense(pooled, num_labels, rngs=rngs, dtype=dtype)
         self.act = HIDDEN_ACTIVATIONS[act]
@@ -116,9 +117,7 @@ class ClassificationHead(nnx.Module):
 
     def __call__(self, hidden_states: jax.Array) -> jax.Array:
         """[batch, seq, hidden] -> logits [batch, num_labels] (fp32)."""
-        x = hidden_states[:, 0]
-        if self.dropout_before_dense:
-            x = self.dropout(x)
+        x = self.input_dropout(hidden_states[:, 0])
         x = self.dropout(self.act(self.dense(x)))
         return self.out_proj(x).astype(jnp.float32)
 
