@@ -14,7 +14,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from flax_ce.activations import SCORE_ACTIVATIONS, activation_from_name
-from flax_ce.config import config_from_dict, load_config_json
+from flax_ce.config import ConfigError, config_from_dict, load_config_json
 from flax_ce.hub import resolve_model_dir
 from flax_ce.inputs import check_positive, normalise_pairs
 from flax_ce.loading import load_model, load_tokenizer
@@ -24,13 +24,51 @@ logger = logging.getLogger("flax_ce")
 LENGTH_BUCKET = 32
 
 
-def default_activation(model_dir: str, raw_config: dict, num_labels: int) -> Callable:
-    """sentence-transformers' default activation rule; only torch.* class names are honoured."""
+def _read_json(path: str):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from e
+
+
+def sentence_transformers_settings(model_dir: str) -> dict:
+    """Settings of a directory saved by sentence-transformers (modules.json present), else {}.
+
+    Only a single Transformer module at the root is a plain cross-encoder; anything else is refused.
+    """
+    modules_path = os.path.join(model_dir, "modules.json")
+    if not os.path.isfile(modules_path):
+        return {}
+    modules = _read_json(modules_path)
+    if not (
+        isinstance(modules, list)
+        and len(modules) == 1
+        and isinstance(modules[0], dict)
+        and str(modules[0].get("type", "")).endswith("Transformer")
+        and modules[0].get("path", "") in ("", ".")
+    ):
+        raise ConfigError(
+            f"{modules_path}: only a single Transformer module at the root is supported, got "
+            f"{[m.get('type') if isinstance(m, dict) else m for m in modules] if isinstance(modules, list) else modules!r}"
+        )
+    settings = {}
     st_config_path = os.path.join(model_dir, "config_sentence_transformers.json")
-    candidates: list[tuple[str, object]] = []
     if os.path.isfile(st_config_path):
-        with open(st_config_path, encoding="utf-8") as f:
-            candidates.append((st_config_path, json.load(f).get("activation_fn")))
+        settings["activation_fn"] = (st_config_path, _read_json(st_config_path).get("activation_fn"))
+    module_config_path = os.path.join(model_dir, "sentence_bert_config.json")
+    if os.path.isfile(module_config_path):
+        max_seq_length = _read_json(module_config_path).get("max_seq_length")
+        if max_seq_length is not None:
+            settings["max_seq_length"] = max_seq_length
+    return settings
+
+
+def default_activation(st_settings: dict, raw_config: dict, num_labels: int) -> Callable:
+    """sentence-transformers' default activation rule; only torch.* class names are honoured."""
+    candidates: list[tuple[str, object]] = []
+    if "activation_fn" in st_settings:
+        candidates.append(st_settings["activation_fn"])
     st_section = raw_config.get("sentence_transformers")
     if isinstance(st_section, dict) and "activation_fn" in st_section:
         candidates.append(("config.json sentence_transformers.activation_fn", st_section["activation_fn"]))
@@ -84,12 +122,15 @@ class CrossEncoder:
         self.dtype = dtype
         self.model = load_model(self.model_dir, self.config, dtype=dtype)
         self.tokenizer = load_tokenizer(self.model_dir)
-        self.max_length = self._resolve_max_length(max_length)
+        st_settings = sentence_transformers_settings(self.model_dir)
+        self.max_length = self._resolve_max_length(
+            max_length if max_length is not None else st_settings.get("max_seq_length")
+        )
         self.tokenizer.model_max_length = self.max_length
         if isinstance(activation_fn, str):
             activation_fn = activation_from_name(activation_fn)
         self.activation_fn = activation_fn or default_activation(
-            self.model_dir, self.raw_config, self.num_labels
+            st_settings, self.raw_config, self.num_labels
         )
         self._graphdef, self._state = nnx.split(self.model)
         # One jitted forward per activation, fused so scoring a batch is a single compiled call.
