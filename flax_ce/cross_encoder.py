@@ -14,10 +14,10 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from flax_ce.activations import SCORE_ACTIVATIONS, activation_from_name
-from flax_ce.config import ConfigError, config_from_dict, load_config_json
+from flax_ce.config import ConfigError
 from flax_ce.hub import resolve_model_dir
 from flax_ce.inputs import check_positive, normalise_pairs
-from flax_ce.loading import load_model, load_tokenizer
+from flax_ce.loading import load_model, load_tokenizer, read_config
 
 logger = logging.getLogger("flax_ce")
 
@@ -115,14 +115,17 @@ class CrossEncoder:
         dtype=jnp.float32,
         cache_dir: str | None = None,
         revision: str | None = None,
+        num_labels: int | None = None,
     ):
         self.model_dir = resolve_model_dir(model_name_or_path, cache_dir=cache_dir, revision=revision)
-        self.raw_config = load_config_json(self.model_dir)
-        self.config = config_from_dict(self.raw_config, os.path.join(self.model_dir, "config.json"))
+        self.raw_config, self.config, fresh_head = read_config(self.model_dir, num_labels)
         self.dtype = dtype
-        self.model = load_model(self.model_dir, self.config, dtype=dtype)
+        self.model = load_model(
+            self.model_dir, self.config, dtype=dtype, allow_missing=("head.",) if fresh_head else ()
+        )
         self.tokenizer = load_tokenizer(self.model_dir)
-        st_settings = sentence_transformers_settings(self.model_dir)
+        # A fresh head on an encoder (e.g. a sentence-transformers bi-encoder) ignores that stack's settings.
+        st_settings = {} if fresh_head else sentence_transformers_settings(self.model_dir)
         self.max_length = self._resolve_max_length(
             max_length if max_length is not None else st_settings.get("max_seq_length")
         )

@@ -42,18 +42,38 @@ def load_tokenizer(model_dir: str | os.PathLike):
         raise OSError(f"{model_dir}: could not load the tokenizer ({e})") from e
 
 
+def read_config(model_dir: str | os.PathLike, num_labels: int | None = None):
+    """(raw config.json dict, validated config, fresh_head) for a model directory.
+
+    `num_labels` (as sentence-transformers' argument) replaces the checkpoint's label set; the head is
+    then new and randomly initialised, as it is for a bare encoder checkpoint (e.g. `BertModel`).
+    """
+    raw = load_config_json(model_dir)
+    architectures = raw.get("architectures") or []
+    fresh_head = num_labels is not None or not any(
+        str(a).endswith("ForSequenceClassification") for a in architectures
+    )
+    if num_labels is not None:
+        labels = raw.get("id2label") or {}
+        if len(labels) != num_labels:
+            raw = {k: v for k, v in raw.items() if k not in ("id2label", "label2id")}
+        raw = {**raw, "num_labels": num_labels}
+    config = config_from_dict(raw, os.path.join(model_dir, "config.json"))
+    return raw, config, fresh_head
+
+
 def load(
     model_name_or_path: str | os.PathLike,
     *,
+    num_labels: int | None = None,
     dtype=jnp.float32,
     cache_dir: str | None = None,
     revision: str | None = None,
 ):
     """`(model, tokenizer, config)` for a local directory or hub id; the model is an NNX module."""
     model_dir = resolve_model_dir(model_name_or_path, cache_dir=cache_dir, revision=revision)
-    raw = load_config_json(model_dir)
-    config = config_from_dict(raw, os.path.join(model_dir, "config.json"))
-    model = load_model(model_dir, config, dtype=dtype)
+    _, config, fresh_head = read_config(model_dir, num_labels)
+    model = load_model(model_dir, config, dtype=dtype, allow_missing=("head.",) if fresh_head else ())
     return model, load_tokenizer(model_dir), config
 
 
