@@ -10,18 +10,17 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from flax_ce.activations import SCORE_ACTIVATIONS, activation_from_name
 from flax_ce.config import ConfigError
+from flax_ce.engine import DEFAULT_TOKEN_BUDGET, ScoringEngine, make_mesh, planned_shapes
 from flax_ce.hub import resolve_model_dir
 from flax_ce.inputs import check_positive, normalise_pairs
 from flax_ce.loading import load_model, load_tokenizer, read_config
 
 logger = logging.getLogger("flax_ce")
-
-LENGTH_BUCKET = 32
 
 
 def _read_json(path: str):
@@ -99,11 +98,6 @@ def position_limit(config) -> int | None:
     return None
 
 
-def bucket_length(longest: int, max_length: int) -> int:
-    """Padded sequence length: the next multiple of 32, capped at max_length."""
-    return min(-(-max(longest, 1) // LENGTH_BUCKET) * LENGTH_BUCKET, max_length)
-
-
 class CrossEncoder:
     """Scores text pairs with a BERT/RoBERTa/ELECTRA/DeBERTa cross-encoder, like sentence_transformers.CrossEncoder."""
 
@@ -116,6 +110,9 @@ class CrossEncoder:
         cache_dir: str | None = None,
         revision: str | None = None,
         num_labels: int | None = None,
+        devices: Sequence[jax.Device] | None = None,
+        mesh: Mesh | None = None,
+        token_budget: int = DEFAULT_TOKEN_BUDGET,
     ):
         self.model_dir = resolve_model_dir(model_name_or_path, cache_dir=cache_dir, revision=revision)
         self.raw_config, self.config, fresh_head = read_config(self.model_dir, num_labels)
@@ -135,10 +132,15 @@ class CrossEncoder:
         self.activation_fn = activation_fn or default_activation(
             st_settings, self.raw_config, self.num_labels
         )
-        self._graphdef, self._state = nnx.split(self.model)
-        # One jitted forward per activation, fused so scoring a batch is a single compiled call.
-        self._forward_by_activation: dict[Callable, Callable] = {}
-        self.compiled_shapes: set[tuple[int, int]] = set()
+        check_positive("token_budget", token_budget)
+        self.token_budget = token_budget
+        self.engine = ScoringEngine(
+            self.model,
+            pad_id=self.tokenizer.pad_token_id or 0,
+            max_length=self.max_length,
+            mesh=mesh if mesh is not None else make_mesh(devices),
+            dtype=dtype,
+        )
 
     @property
     def num_labels(self) -> int:
@@ -156,17 +158,6 @@ class CrossEncoder:
             raise ValueError(f"max_length={max_length} exceeds what this model's positions allow ({limit})")
         return int(max_length)
 
-    def _forward(self, activation_fn: Callable) -> Callable:
-        if activation_fn not in self._forward_by_activation:
-            graphdef = self._graphdef
-
-            def forward(state, input_ids, attention_mask, token_type_ids):
-                logits = nnx.merge(graphdef, state)(input_ids, attention_mask, token_type_ids)
-                return activation_fn(logits)
-
-            self._forward_by_activation[activation_fn] = jax.jit(forward)
-        return self._forward_by_activation[activation_fn]
-
     def tokenize(self, pairs: Sequence[tuple[str, str]]) -> dict[str, list[list[int]]]:
         """Token ids (unpadded) for pairs, truncated longest-first to max_length as sentence-transformers does."""
         if not pairs:
@@ -182,47 +173,50 @@ class CrossEncoder:
         )
         return {"input_ids": encoded["input_ids"], "token_type_ids": encoded.get("token_type_ids")}
 
-    def _host_batch(self, ids: list[list[int]], types: list[list[int]] | None, rows: int):
-        """int32 arrays [rows, bucket] padded with the pad token; missing rows are all-padding."""
-        length = bucket_length(max(len(x) for x in ids), self.max_length)
-        pad_id = self.tokenizer.pad_token_id or 0
-        input_ids = np.full((rows, length), pad_id, dtype=np.int32)
-        mask = np.zeros((rows, length), dtype=np.int32)
-        token_types = np.zeros((rows, length), dtype=np.int32)
-        for i, seq in enumerate(ids):
-            input_ids[i, : len(seq)] = seq
-            mask[i, : len(seq)] = 1
-            if types is not None:
-                token_types[i, : len(seq)] = types[i]
-        return input_ids, mask, token_types
-
     def logits(
-        self, pairs: Sequence[tuple[str, str]], batch_size: int = 32, show_progress_bar=None
+        self, pairs: Sequence[tuple[str, str]], batch_size: int | None = None, show_progress_bar=None
     ) -> np.ndarray:
         """Raw logits [N, num_labels] (fp32) for pairs, in the caller's order."""
         pairs, _ = normalise_pairs(pairs)
         return self._scores(pairs, SCORE_ACTIVATIONS["Identity"], batch_size, show_progress_bar)
 
-    def _scores(self, pairs, activation_fn: Callable, batch_size: int, show_progress_bar) -> np.ndarray:
-        """activation(logits) [N, num_labels] for validated pairs, batch by batch, in the caller's order."""
-        check_positive("batch_size", batch_size)
-        forward = self._forward(activation_fn)
+    def _scores(
+        self, pairs, activation_fn: Callable, batch_size: int | None, show_progress_bar
+    ) -> np.ndarray:
+        """activation(logits) [N, num_labels] for validated pairs, in the caller's order."""
+        check_positive("batch_size", batch_size, allow_none=True)
         tokens = self.tokenize(pairs)
         ids, types = tokens["input_ids"], tokens["token_type_ids"]
         self._check_token_ranges(ids, types)
-        order = np.argsort([-len(x) for x in ids], kind="stable")
-        out = np.zeros((len(ids), self.num_labels), dtype=np.float32)
         if show_progress_bar is None:
             show_progress_bar = logger.getEffectiveLevel() in (logging.INFO, logging.DEBUG)
-        starts = range(0, len(ids), batch_size)
-        for start in tqdm(starts, desc="Batches", disable=not show_progress_bar):
-            index = order[start : start + batch_size]
-            batch = self._host_batch(
-                [ids[i] for i in index], None if types is None else [types[i] for i in index], batch_size
-            )
-            self.compiled_shapes.add(batch[0].shape)
-            out[index] = np.asarray(forward(self._state, *batch))[: len(index)]
-        return out
+        return self.engine.run(
+            ids,
+            types,
+            activation_fn,
+            self.num_labels,
+            batch_size=batch_size,
+            token_budget=self.token_budget,
+            progress=lambda plan: tqdm(plan, desc="Batches", disable=not show_progress_bar),
+        )
+
+    def warmup(self, batch_size: int | None = None, activation_fn: Callable | str | None = None) -> int:
+        """Compile every shape predict() can use with this batch_size (None: the token budget); returns
+        how many were compiled now. With the persistent cache enabled, later processes load them."""
+        if isinstance(activation_fn, str):
+            activation_fn = activation_from_name(activation_fn)
+        before = self.engine.compile_count
+        self.engine.warmup(activation_fn or self.activation_fn, self.planned_shapes(batch_size))
+        return self.engine.compile_count - before
+
+    def planned_shapes(self, batch_size: int | None = None) -> set[tuple[int, int]]:
+        """All [rows, length] shapes predict() may compile for this batch_size (None: the token budget)."""
+        return planned_shapes(
+            self.max_length,
+            batch_size=batch_size,
+            token_budget=self.token_budget,
+            multiple=self.engine.multiple,
+        )
 
     def _check_token_ranges(self, ids, types) -> None:
         vocab = self.config.vocab_size
@@ -238,7 +232,7 @@ class CrossEncoder:
     def predict(
         self,
         inputs=None,
-        batch_size: int = 32,
+        batch_size: int | None = None,
         show_progress_bar: bool | None = None,
         activation_fn: Callable | str | None = None,
         apply_softmax: bool = False,
@@ -252,7 +246,7 @@ class CrossEncoder:
         if legacy:
             raise TypeError(f"predict() got unexpected keyword arguments: {', '.join(sorted(legacy))}")
         pairs, single = normalise_pairs(inputs)
-        check_positive("batch_size", batch_size)
+        check_positive("batch_size", batch_size, allow_none=True)
         if isinstance(activation_fn, str):
             activation_fn = activation_from_name(activation_fn)
         activation_fn = activation_fn or self.activation_fn
@@ -279,7 +273,7 @@ class CrossEncoder:
         documents: Sequence[str],
         top_k: int | None = None,
         return_documents: bool = False,
-        batch_size: int = 32,
+        batch_size: int | None = None,
         show_progress_bar: bool | None = None,
         activation_fn: Callable | str | None = None,
     ) -> list[dict]:
@@ -309,6 +303,12 @@ class CrossEncoder:
                 r["text"] = documents[r["corpus_id"]]
         results.sort(key=lambda r: r["score"], reverse=True)
         return results[:top_k]
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Save as a transformers checkpoint that sentence-transformers, transformers and flax_ce load."""
+        from flax_ce.export import save_pretrained
+
+        save_pretrained(self, path)
 
 
 def _legacy_argument(legacy: dict, old: str, new: str, value):

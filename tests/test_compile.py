@@ -1,12 +1,13 @@
-"""Static shapes: one compilation per (batch, 32-token bucket) shape, none on reuse."""
+"""Static shapes: compilations stay inside the planned shape set, none on reuse; warmup; the planner."""
 
 from __future__ import annotations
 
+import numpy as np
 from checkpoints import sample_pairs
 from conftest import count_compiles
 
 from flax_ce import CrossEncoder
-from flax_ce.cross_encoder import bucket_length
+from flax_ce.engine import bucket_length, plan_batches, planned_shapes
 
 
 def test_compiles_once_per_shape(bert_dir):
@@ -14,13 +15,25 @@ def test_compiles_once_per_shape(bert_dir):
     ce = CrossEncoder(bert_dir, max_length=200)
     with count_compiles() as compiles:
         first = ce.predict(pairs, batch_size=8)
-    shapes = set(ce.compiled_shapes)
-    assert all(b == 8 and (length % 32 == 0 or length == 200) for b, length in shapes)
-    assert 1 <= compiles[0] <= len(shapes)
+    used = {
+        (b.rows, b.length)
+        for b in plan_batches([len(x) for x in ce.tokenize(pairs)["input_ids"]], 200, batch_size=8)
+    }
+    assert used <= ce.planned_shapes(batch_size=8)
+    assert 1 <= compiles[0] <= len(used) == ce.engine.compile_count
     with count_compiles() as again:
         second = ce.predict(list(reversed(pairs)), batch_size=8)
     assert again[0] == 0
     assert (second[::-1] == first).all()
+
+
+def test_warmup_compiles_the_plan_ahead(bert_dir):
+    ce = CrossEncoder(bert_dir, max_length=64, token_budget=256)
+    compiled = ce.warmup()
+    assert compiled == len(ce.planned_shapes()) == ce.engine.compile_count
+    with count_compiles() as compiles:
+        ce.predict(sample_pairs(40, seed=2))
+    assert compiles[0] == 0
 
 
 def test_bucket_length():
@@ -29,3 +42,19 @@ def test_bucket_length():
     assert bucket_length(33, 512) == 64
     assert bucket_length(500, 512) == 512
     assert bucket_length(100, 100) == 100
+
+
+def test_plan_covers_every_input_once_within_budget():
+    rng = np.random.RandomState(0)
+    lengths = rng.randint(3, 513, size=1000)
+    for kwargs in ({"token_budget": 4096}, {"batch_size": 7}, {"token_budget": 8192, "multiple": 4}):
+        plan = plan_batches(lengths, 512, **kwargs)
+        seen = np.concatenate([b.indices for b in plan])
+        assert sorted(seen) == list(range(len(lengths)))
+        shapes = planned_shapes(512, **kwargs)
+        for batch in plan:
+            assert (batch.rows, batch.length) in shapes
+            assert all(lengths[i] <= batch.length for i in batch.indices)
+            assert batch.rows % kwargs.get("multiple", 1) == 0 and len(batch.indices) <= batch.rows
+            if "token_budget" in kwargs and batch.rows > kwargs.get("multiple", 1):
+                assert batch.rows * batch.length <= kwargs["token_budget"]
