@@ -98,6 +98,22 @@ def planned_shapes(
     return shapes
 
 
+# XLA compilations and persistent-cache hits, counted process-wide through jax.monitoring, so an engine
+# can tell a real compile from a program loaded from the persistent cache.
+BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
+_events = {BACKEND_COMPILE_EVENT: 0, CACHE_HIT_EVENT: 0}
+
+
+def _count_event(event: str, *args, **kwargs) -> None:
+    if event in _events:
+        _events[event] += 1
+
+
+jax.monitoring.register_event_listener(_count_event)
+jax.monitoring.register_event_duration_secs_listener(_count_event)
+
+
 def enable_compilation_cache(path: str | os.PathLike | None = None) -> str:
     """Opt-in persistent XLA compilation cache (default ~/.cache/flax_ce/jax); returns its directory."""
     path = os.fspath(path or os.path.join(os.path.expanduser("~"), ".cache", "flax_ce", "jax"))
@@ -151,8 +167,9 @@ class ScoringEngine:
         self.mesh = mesh
         self.dtype = dtype
         self.multiple = mesh.size if mesh is not None else 1
-        self.compile_count = 0
+        self.compile_count = 0  # programs built by this engine (compiled, or loaded from the cache)
         self.compile_seconds = 0.0
+        self.xla_compiles = 0  # of those, real XLA compilations (not persistent-cache hits)
         self.set_model(model)
 
     def set_model(self, model: nnx.Module) -> None:
@@ -173,12 +190,24 @@ class ScoringEngine:
         if key not in self._compiled:
             fn, params = self._scorer(activation_fn)
             spec = jax.ShapeDtypeStruct((rows, length), jnp.int32)
+            before = dict(_events)
             start = time.perf_counter()
             executable = fn.lower(params, spec, spec, spec).compile()
             elapsed = time.perf_counter() - start
+            # A persistent-cache hit is also reported as a backend compile (it wraps the retrieval).
+            xla_compiles = (_events[BACKEND_COMPILE_EVENT] - before[BACKEND_COMPILE_EVENT]) - (
+                _events[CACHE_HIT_EVENT] - before[CACHE_HIT_EVENT]
+            )
             self.compile_count += 1
             self.compile_seconds += elapsed
-            logger.debug("compiled scoring shape [%d, %d] in %.2fs", rows, length, elapsed)
+            self.xla_compiles += xla_compiles
+            logger.debug(
+                "scoring shape [%d, %d]: %s in %.2fs",
+                rows,
+                length,
+                "compiled" if xla_compiles else "loaded from the compilation cache",
+                elapsed,
+            )
             self._compiled[key] = executable
         return self._compiled[key]
 

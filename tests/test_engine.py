@@ -1,0 +1,149 @@
+"""The scoring engine: batching invariance, device meshes, multi-process, persistent cache, precision."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from checkpoints import corpus, sample_pairs
+
+from flax_ce import CrossEncoder
+
+PAIRS = sample_pairs(37, seed=11)
+
+
+def _run(script: str, *args: str, env: dict | None = None, timeout: int = 600) -> dict:
+    """Run a Python snippet in a fresh process (device count and caches are fixed at JAX start-up)."""
+    result = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_scores_do_not_depend_on_batching(bert_dir):
+    reference = CrossEncoder(bert_dir, token_budget=1 << 20).predict(PAIRS, batch_size=1)
+    for budget in (64, 512, 4096):
+        ce = CrossEncoder(bert_dir, token_budget=budget)
+        assert np.abs(ce.predict(PAIRS) - reference).max() <= 1e-5
+        order = np.random.RandomState(budget).permutation(len(PAIRS))
+        assert np.abs(ce.predict([PAIRS[i] for i in order]) - reference[order]).max() <= 1e-5
+    for batch_size in (2, 5, 64):
+        assert np.abs(CrossEncoder(bert_dir).predict(PAIRS, batch_size=batch_size) - reference).max() <= 1e-5
+
+
+SHARDED = """
+import json, sys
+import jax
+from flax_ce import CrossEncoder
+pairs = json.loads(sys.argv[2])
+out = {}
+for k in (1, 2, 4, 8):
+    ce = CrossEncoder(sys.argv[1], devices=jax.devices()[:k], token_budget=512)
+    scores = ce.predict(pairs)
+    out[k] = {"scores": scores.tolist(), "multiple": ce.engine.multiple,
+              "rows": sorted({r for r, _ in ce.planned_shapes()})}
+print(json.dumps(out))
+"""
+
+
+def test_sharded_over_1_2_4_8_devices(bert_dir):
+    out = _run(
+        SHARDED, bert_dir, json.dumps(PAIRS), env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    )
+    reference = CrossEncoder(bert_dir).predict(PAIRS)
+    for k in ("1", "2", "4", "8"):
+        assert out[k]["multiple"] == int(k)
+        assert all(rows % int(k) == 0 for rows in out[k]["rows"])
+        assert np.abs(np.array(out[k]["scores"]) - reference).max() <= 1e-5
+
+
+DISTRIBUTED = """
+import json, sys
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+process_id = int(sys.argv[3])
+jax.distributed.initialize(sys.argv[2], num_processes=2, process_id=process_id)
+assert jax.process_count() == 2 and len(jax.devices()) == 2 and len(jax.local_devices()) == 1
+from flax_ce import CrossEncoder
+pairs = json.loads(sys.argv[4])[process_id::2]  # each process scores its own shard
+scores = CrossEncoder(sys.argv[1]).predict(pairs)
+print(json.dumps({"scores": scores.tolist()}))
+jax.distributed.shutdown()
+"""
+
+
+def test_two_processes_under_jax_distributed(bert_dir):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    address = f"127.0.0.1:{port}"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", DISTRIBUTED, bert_dir, address, str(i), json.dumps(PAIRS)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = []
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=600)
+        assert proc.returncode == 0, stderr[-4000:]
+        outputs.append(json.loads(stdout.strip().splitlines()[-1])["scores"])
+    combined = np.empty(len(PAIRS), dtype=np.float32)
+    combined[0::2], combined[1::2] = outputs
+    assert np.abs(combined - CrossEncoder(bert_dir).predict(PAIRS)).max() <= 1e-5
+
+
+CACHED = """
+import json, sys
+import flax_ce
+from flax_ce.engine import enable_compilation_cache
+enable_compilation_cache(sys.argv[2])
+ce = flax_ce.CrossEncoder(sys.argv[1])
+scores = ce.predict(json.loads(sys.argv[3]))
+print(json.dumps({"xla_compiles": ce.engine.xla_compiles, "programs": ce.engine.compile_count,
+                  "seconds": ce.engine.compile_seconds, "scores": scores.tolist()}))
+"""
+
+
+def test_persistent_cache_second_process_compiles_nothing(bert_dir, tmp_path):
+    cache = str(tmp_path / "jax-cache")
+    first = _run(CACHED, bert_dir, cache, json.dumps(PAIRS))
+    second = _run(CACHED, bert_dir, cache, json.dumps(PAIRS))
+    assert first["xla_compiles"] == first["programs"] >= 1
+    assert second["programs"] == first["programs"] and second["xla_compiles"] == 0
+    assert second["scores"] == first["scores"]
+
+
+def _kendall_tau(a, b) -> float:
+    from scipy.stats import kendalltau
+
+    return kendalltau(a, b).statistic
+
+
+@pytest.mark.slow
+def test_bf16_agrees_with_fp32_on_real_weights(minilm_dir):
+    rng = np.random.RandomState(0)
+    sentences = corpus()
+    queries = [" ".join(s.split()[:6]) for s in rng.choice(sentences, 50, replace=False)]
+    passages = [list(rng.choice(sentences, 20, replace=False)) for _ in queries]
+    pairs = [(q, p) for q, ps in zip(queries, passages, strict=True) for p in ps]
+    fp32 = CrossEncoder(minilm_dir).predict(pairs).reshape(50, 20)
+    bf16 = CrossEncoder(minilm_dir, dtype=jnp.bfloat16).predict(pairs).reshape(50, 20)
+    taus = [_kendall_tau(a, b) for a, b in zip(fp32, bf16, strict=True)]
+    assert np.all(np.isfinite(bf16))
+    assert np.mean(taus) >= 0.98, taus
+    assert (fp32.argmax(axis=1) == bf16.argmax(axis=1)).all()
