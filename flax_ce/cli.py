@@ -129,7 +129,14 @@ def _run_rank(args: argparse.Namespace) -> int:
 
 def commands() -> dict[str, Command]:
     """All subcommands, including those of optional modules."""
-    return {"predict": (_add_predict, _run_predict), "rank": (_add_rank, _run_rank)}
+    from flax_ce import demo, parity
+
+    return {
+        "predict": (_add_predict, _run_predict),
+        "rank": (_add_rank, _run_rank),
+        "parity": (parity.add_arguments, parity.run),
+        "demo": (demo.add_arguments, demo.run),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

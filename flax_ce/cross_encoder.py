@@ -17,7 +17,7 @@ from flax_ce.activations import SCORE_ACTIVATIONS, activation_from_name
 from flax_ce.config import ConfigError
 from flax_ce.engine import DEFAULT_TOKEN_BUDGET, ScoringEngine, make_mesh, planned_shapes
 from flax_ce.hub import resolve_model_dir
-from flax_ce.inputs import check_positive, normalise_pairs
+from flax_ce.inputs import check_positive, check_text, normalise_pairs, shorten_long_texts
 from flax_ce.loading import load_model, load_tokenizer, read_config
 
 logger = logging.getLogger("flax_ce")
@@ -162,6 +162,7 @@ class CrossEncoder:
         """Token ids (unpadded) for pairs, truncated longest-first to max_length as sentence-transformers does."""
         if not pairs:
             return {"input_ids": [], "token_type_ids": []}
+        pairs = shorten_long_texts(self.tokenizer, pairs, self.max_length)
         encoded = self.tokenizer(
             [a for a, _ in pairs],
             [b for _, b in pairs],
@@ -283,14 +284,12 @@ class CrossEncoder:
                 f"rank() needs a model with num_labels=1; this one has {self.num_labels} "
                 f"({', '.join(self.config.labels)}). Use predict() with pairs instead."
             )
-        if not isinstance(query, str):
-            raise TypeError(f"query must be a string, got {type(query).__name__}")
+        query = check_text(query, "query")
         if isinstance(documents, str) or not isinstance(documents, (Sequence, np.ndarray)):
             raise TypeError(f"documents must be a list of strings, got {type(documents).__name__}")
         check_positive("top_k", top_k, allow_none=True)
         for i, doc in enumerate(documents):
-            if not isinstance(doc, str):
-                raise TypeError(f"document {i}: expected str, got {type(doc).__name__}")
+            check_text(doc, f"document {i}")
         scores = self.predict(
             [(query, doc) for doc in documents],
             batch_size=batch_size,

@@ -1,0 +1,63 @@
+"""Save a CrossEncoder as a transformers / sentence-transformers checkpoint directory."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+from flax import nnx
+from safetensors.numpy import save_file
+
+from flax_ce.activations import torch_name
+from flax_ce.conversion.export import torch_state_dict
+
+ARCHITECTURES = {
+    "bert": "BertForSequenceClassification",
+    "roberta": "RobertaForSequenceClassification",
+    "electra": "ElectraForSequenceClassification",
+    "deberta": "DebertaForSequenceClassification",
+    "deberta-v2": "DebertaV2ForSequenceClassification",
+}
+# Written fresh below, or stale once the weights are ours (fp32) and the activation is recorded.
+REPLACED_KEYS = ("architectures", "id2label", "label2id", "num_labels", "torch_dtype", "dtype")
+STALE_KEYS = ("sbert_ce_default_activation_function", "_name_or_path")
+
+
+def export_config(ce) -> dict:
+    """config.json for `ce`: its checkpoint's settings, our labels, fp32, and the score activation."""
+    activation = torch_name(ce.activation_fn)
+    if activation is None:
+        raise ValueError(
+            f"cannot save activation {ce.activation_fn!r}: sentence-transformers can only load torch.nn "
+            "activations; set ce.activation_fn to one from flax_ce.activations.SCORE_ACTIVATIONS first"
+        )
+    config = {k: v for k, v in ce.raw_config.items() if k not in REPLACED_KEYS + STALE_KEYS}
+    labels = ce.config.labels
+    st_section = config.get("sentence_transformers")
+    st_section = st_section if isinstance(st_section, dict) else {}
+    config.update(
+        architectures=[ARCHITECTURES[ce.config.model_type]],
+        num_labels=len(labels),
+        id2label={str(i): label for i, label in enumerate(labels)},
+        label2id={label: i for i, label in enumerate(labels)},
+        dtype="float32",
+        sentence_transformers={**st_section, "activation_fn": activation},
+    )
+    return config
+
+
+def save_pretrained(ce, path: str | os.PathLike) -> None:
+    """Write config.json, tokenizer files and model.safetensors (PyTorch layout) for `ce` into `path`."""
+    config = export_config(ce)  # first, so a refused activation leaves no half-written directory
+    params = {
+        tuple(p): np.asarray(var.get_value()) for p, var in nnx.to_flat_state(nnx.state(ce.model, nnx.Param))
+    }
+    tensors = torch_state_dict(params, ce.config.model_type)
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+        f.write("\n")
+    ce.tokenizer.save_pretrained(path)

@@ -1,0 +1,242 @@
+"""Fine-tuning: it learns, compiles once per bucket shape, is reproducible, and is the same on 1 or 4 devices."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+from checkpoints import build_random, corpus, sample_pairs
+from conftest import count_compiles
+from flax import nnx
+
+from flax_ce import CrossEncoder
+from flax_ce.evaluation import ClassificationEvaluator
+from flax_ce.training import Trainer, decay_mask, default_loss, enable_dropout, example_losses, fit
+
+
+def duplicate_task(sentences: list[str], seed: int) -> list[tuple[str, str, float]]:
+    """(s, s, 1) and (s, another sentence, 0): a pair task a cross-encoder can learn in a few dozen steps."""
+    rng = random.Random(seed)
+    examples = []
+    for i, sentence in enumerate(sentences):
+        examples.append((sentence, sentence, 1.0))
+        examples.append((sentence, sentences[(i + rng.randrange(1, len(sentences))) % len(sentences)], 0.0))
+    return examples
+
+
+def flat_params(ce: CrossEncoder) -> dict:
+    return {
+        path: np.asarray(var.get_value()) for path, var in nnx.to_flat_state(nnx.state(ce.model, nnx.Param))
+    }
+
+
+def test_loss_decreases_and_held_out_precision_improves(bert_dir):
+    sentences = corpus()
+    random.Random(0).shuffle(sentences)
+    train, held_out = duplicate_task(sentences[:300], 0), duplicate_task(sentences[300:400], 1)
+    evaluator = ClassificationEvaluator([(a, b) for a, b, _ in held_out], [int(y) for *_, y in held_out])
+    ce = CrossEncoder(bert_dir, max_length=32)
+    before = evaluator(ce)["average_precision"]
+    result = fit(
+        ce, train, epochs=4, batch_size=16, learning_rate=3e-3, evaluator=evaluator, eval_steps=50, seed=0
+    )
+    assert result.steps == 4 * -(-len(train) // 16) == 152  # the last batch of an epoch is topped up
+    assert [step for step, _ in result.evaluations] == [50, 100, 150, 152]
+    assert np.mean(result.losses[-20:]) < np.mean(result.losses[:20]) - 0.05
+    after = result.evaluations[-1][1]["average_precision"]
+    assert after > before + 0.1
+    # ce now scores with the trained weights, and its dropout stays off for scoring.
+    assert evaluator(ce)["average_precision"] == pytest.approx(after)
+    assert all(m.deterministic for _, m in nnx.iter_modules(ce.model) if isinstance(m, nnx.Dropout))
+
+
+def test_train_step_compiles_once_per_bucket_shape(bert_dir):
+    ce = CrossEncoder(bert_dir, max_length=64)
+    sentences = corpus()
+    short = [(sentences[i][:12], sentences[i + 1][:12]) for i in range(24)]
+    long = [(sentences[i], " ".join(sentences[i : i + 6])) for i in range(24)]
+    examples = [(a, b, float(i % 2)) for i, (a, b) in enumerate(short + long)]
+    trainer = Trainer(ce, total_steps=12, batch_size=8)
+    encoded = trainer.encode(examples)
+    rng = np.random.default_rng(0)
+    batches = list(trainer.batches(encoded, rng)) + list(trainer.batches(encoded, rng))
+    shapes = {b.input_ids.shape for b in batches}
+    assert shapes == {(8, 32), (8, 64)}
+    with count_compiles() as compiles:
+        losses = [trainer.step(batch) for batch in batches]
+    assert compiles[0] == len(shapes)
+    assert np.isfinite(jax.device_get(losses)).all()
+
+
+def test_seeded_training_is_reproducible(bert_dir):
+    examples = [(a, b, float(i % 2)) for i, (a, b) in enumerate(sample_pairs(32, seed=2))]
+    runs = []
+    for _ in range(2):
+        ce = CrossEncoder(bert_dir, max_length=32)
+        fit(ce, examples, batch_size=8, max_steps=3, learning_rate=1e-3, seed=7, show_progress_bar=False)
+        runs.append(flat_params(ce))
+    for path, value in runs[0].items():
+        np.testing.assert_array_equal(value, runs[1][path], err_msg=str(path))
+    assert not np.array_equal(
+        runs[0][("head", "out_proj", "kernel")],
+        flat_params(CrossEncoder(bert_dir))[("head", "out_proj", "kernel")],
+    )
+
+
+def test_dropout_is_active_in_training_only(bert_dir):
+    ce = CrossEncoder(bert_dir, max_length=32)
+    graphdef, params = nnx.split(ce.model)
+    ids = np.array([[2, 40, 41, 3, 50, 51, 3]], dtype=np.int32)
+
+    @jax.jit
+    def train_logits(key):
+        model = nnx.merge(graphdef, params)
+        enable_dropout(model, key)
+        return model(ids, np.ones_like(ids), np.zeros_like(ids))
+
+    first, second = train_logits(jax.random.key(0)), train_logits(jax.random.key(1))
+    assert float(first[0, 0]) != float(second[0, 0])
+    np.testing.assert_array_equal(first, train_logits(jax.random.key(0)))
+    # The CrossEncoder's own model is never switched: scoring stays deterministic.
+    assert all(m.deterministic for _, m in nnx.iter_modules(ce.model) if isinstance(m, nnx.Dropout))
+
+
+def test_losses_match_sentence_transformers_defaults():
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((6, 3)).astype(np.float32)
+    classes = rng.integers(0, 3, 6)
+    soft = rng.random(6).astype(np.float32)
+    bce = torch.nn.BCEWithLogitsLoss()(torch.tensor(logits[:, 0]), torch.tensor(soft))
+    ce = torch.nn.CrossEntropyLoss()(torch.tensor(logits), torch.tensor(classes))
+    mse = torch.nn.MSELoss()(torch.tensor(logits), torch.tensor(logits[::-1].copy()))
+    assert float(jnp.mean(example_losses("bce", logits, soft))) == pytest.approx(float(bce), rel=1e-5)
+    assert float(jnp.mean(example_losses("ce", logits, classes))) == pytest.approx(float(ce), rel=1e-5)
+    assert float(jnp.mean(example_losses("mse", logits, logits[::-1]))) == pytest.approx(float(mse), rel=1e-5)
+    assert (default_loss(1), default_loss(3)) == ("bce", "ce")
+
+
+def test_weight_decay_skips_biases_and_layer_norms(bert_dir):
+    ce = CrossEncoder(bert_dir)
+    mask = {
+        tuple(path): bool(var.get_value())
+        for path, var in nnx.to_flat_state(decay_mask(nnx.state(ce.model, nnx.Param)))
+    }
+    decayed = {path[-1] for path, on in mask.items() if on}
+    kept = {path[-1] for path, on in mask.items() if not on}
+    assert decayed == {"kernel", "embedding"} and kept == {"bias", "scale"}
+
+
+def test_labels_are_checked_and_nli_names_accepted(roberta_dir, bert_dir):
+    nli = CrossEncoder(roberta_dir, max_length=32)
+    trainer = Trainer(nli, total_steps=1, batch_size=4)
+    _, _, labels = trainer.encode([("a", "b", "entailment"), ("c", "d", 2)])
+    np.testing.assert_array_equal(labels, [1, 2])
+    with pytest.raises(ValueError, match="class ids"):
+        trainer.encode([("a", "b", 3)])
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        Trainer(CrossEncoder(bert_dir), total_steps=1, batch_size=4).encode([("a", "b", 2.0)])
+    with pytest.raises(ValueError, match="needs a 1-label model"):
+        Trainer(nli, total_steps=1, batch_size=4, loss="bce")
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_equals_one_large_batch(tmp_path):
+    no_dropout = build_random(
+        "bert", str(tmp_path / "bert"), hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
+    )
+    examples = [(a, b, float(i % 2)) for i, (a, b) in enumerate(sample_pairs(16, seed=6))]
+    results = []
+    for batch_size, accumulation in ((16, 1), (8, 2)):
+        ce = CrossEncoder(no_dropout, max_length=32)
+        result = fit(
+            ce, examples, batch_size=batch_size, accumulation_steps=accumulation, max_steps=1,
+            learning_rate=1e-3, show_progress_bar=False,
+        )  # fmt: skip
+        assert result.steps == 1
+        results.append(flat_params(ce))
+    for path, value in results[0].items():
+        np.testing.assert_allclose(value, results[1][path], atol=1e-6, err_msg=str(path))
+
+
+@pytest.mark.slow
+def test_bf16_compute_keeps_fp32_master_weights(bert_dir):
+    ce = CrossEncoder(bert_dir, max_length=32)
+    examples = [(a, b, float(i % 2)) for i, (a, b) in enumerate(sample_pairs(16, seed=8))]
+    result = fit(ce, examples, batch_size=8, max_steps=2, compute_dtype=jnp.bfloat16, show_progress_bar=False)
+    assert np.isfinite(result.losses).all()
+    assert {v.dtype for v in flat_params(ce).values()} == {np.dtype(np.float32)}
+
+
+DEVICES_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import jax, numpy as np
+    from flax import nnx
+    from flax_ce import CrossEncoder
+    from flax_ce.training import fit
+
+    assert jax.device_count() == 4
+    examples = json.loads(sys.argv[2])
+    runs = []
+    for devices in (jax.devices()[:1], jax.devices()):
+        ce = CrossEncoder(sys.argv[1], max_length=32)
+        result = fit(ce, examples, batch_size=8, max_steps=3, learning_rate=1e-3, devices=devices, show_progress_bar=False)
+        params = {"/".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(ce.model))}
+        runs.append((result.losses, params))
+    (losses_1, params_1), (losses_4, params_4) = runs
+    print(json.dumps({
+        "losses": float(np.abs(np.subtract(losses_1, losses_4)).max()),
+        "params": {k: float(np.abs(params_1[k] - params_4[k]).max()) for k in params_1},
+    }))
+    """
+)
+
+
+@pytest.mark.slow
+def test_one_and_four_devices_train_the_same(bert_dir):
+    examples = [(a, b, float(i % 2)) for i, (a, b) in enumerate(sample_pairs(24, seed=9))]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run(
+        [sys.executable, "-c", DEVICES_SCRIPT, bert_dir, json.dumps(examples)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    diffs = json.loads(out.stdout.strip().splitlines()[-1])
+    assert diffs["losses"] < 1e-5  # same batches, same dropout masks, one device or four
+    # Attention key biases have an exactly zero gradient (softmax ignores a per-query constant), so Adam
+    # turns the reduction-order noise in theirs into steps of up to +-lr (lr 1e-3, 2/3e-3, 1/3e-3 over
+    # the three steps); every other weight agrees.
+    for name, diff in diffs["params"].items():
+        assert diff < (4.1e-3 if name.endswith("attention/key/bias") else 1e-5), name
+
+
+def test_optimizer_schedule_warms_up_then_decays():
+    from flax_ce.training import make_optimizer
+
+    params = {"w": {"kernel": jnp.ones(3)}}
+    optimizer = make_optimizer(10, learning_rate=1.0, warmup_ratio=0.2, weight_decay=0.0, max_grad_norm=None)
+    state = optimizer.init(params)
+    sizes = []
+    for _ in range(10):
+        updates, state = optimizer.update({"w": {"kernel": jnp.ones(3)}}, state, params)
+        sizes.append(float(jnp.abs(updates["w"]["kernel"][0])))
+    assert (
+        sizes[0] == 0.0
+        and sizes[1] == pytest.approx(0.5, rel=0.01)
+        and sizes[2] == pytest.approx(1.0, rel=0.01)
+    )
+    assert sizes[2] > sizes[5] > sizes[9] > 0
+    assert isinstance(optimizer, optax.GradientTransformation)
