@@ -151,8 +151,12 @@ def f1_scores(labels: Sequence[int], predicted: Sequence[int]) -> dict[str, floa
 # --- evaluators ----------------------------------------------------------------------------------
 
 
+def _key(metric: str, name: str) -> str:
+    return f"{name}_{metric}" if name else metric
+
+
 def _prefixed(metrics: dict, name: str) -> dict[str, float]:
-    return {(f"{name}_{key}" if name else key): float(value) for key, value in metrics.items()}
+    return {_key(metric, name): float(value) for metric, value in metrics.items()}
 
 
 class RerankingEvaluator:
@@ -178,7 +182,7 @@ class RerankingEvaluator:
         self.name = name
         self.batch_size = batch_size
         self.show_progress_bar = show_progress_bar
-        self.primary_metric = _prefixed({f"ndcg@{at_k}": 0}, name).popitem()[0]
+        self.primary_metric = _key(f"ndcg@{at_k}", name)
 
     def _ranking_task(self, sample: dict) -> tuple[str, list[str], list[int], tuple | None]:
         """(query, documents to score, relevance, base (mrr, ndcg, ap) or None) for one sample."""
@@ -288,7 +292,7 @@ class ClassificationEvaluator:
             predicted = np.argmax(scores, axis=1)
             metrics = {**f1_scores(self.labels, predicted), "accuracy": np.mean(predicted == self.labels)}
             primary = "f1_macro"
-        self.primary_metric = _prefixed({primary: 0}, self.name).popitem()[0]
+        self.primary_metric = _key(primary, self.name)
         return _prefixed(metrics, self.name)
 
     def __call__(self, model) -> dict[str, float]:
@@ -317,7 +321,7 @@ class CorrelationEvaluator:
         self.name = name
         self.batch_size = batch_size
         self.show_progress_bar = show_progress_bar
-        self.primary_metric = _prefixed({"spearman": 0}, name).popitem()[0]
+        self.primary_metric = _key("spearman", name)
 
     def __call__(self, model) -> dict[str, float]:
         """Predict the pairs with `model` and correlate with the gold scores."""

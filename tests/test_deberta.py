@@ -532,3 +532,23 @@ def test_cross_encoder_matches_sentence_transformers(which, request):
             diff = np.abs(scores - expected).max()
             print(f"{which} max_length={max_length} softmax={softmax}: max |diff| {diff:.2e}")
             assert diff <= TOLERANCE
+
+
+@pytest.mark.parametrize("which", ["v3_dir", "v1_dir"])
+def test_mixed_lengths_compile_once_per_bucket(which, request):
+    from conftest import count_compiles
+
+    from flax_ce import CrossEncoder
+    from flax_ce.engine import plan_batches
+
+    ce = CrossEncoder(request.getfixturevalue(which))
+    pairs = sample_pairs(30, seed=4)
+    lengths = [len(x) for x in ce.tokenize(pairs)["input_ids"]]
+    shapes = {(b.rows, b.length) for b in plan_batches(lengths, ce.max_length, batch_size=4)}
+    assert len({length for _, length in shapes}) > 1  # the pairs really span several buckets
+    with count_compiles() as first:
+        scores = ce.predict(pairs, batch_size=4)
+    assert 1 <= first[0] <= len(shapes)
+    with count_compiles() as again:
+        assert (ce.predict(pairs, batch_size=4) == scores).all()
+    assert again[0] == 0
