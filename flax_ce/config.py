@@ -61,6 +61,20 @@ class ConfigReader:
             raise ConfigError(f"{self.source}: unsupported model configuration:\n  - {listing}")
 
 
+class LabelsMixin:
+    """`id2label` / `label2id` views of a config's `labels` tuple (label names by id)."""
+
+    labels: tuple[str, ...]
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        return dict(enumerate(self.labels))
+
+    @property
+    def label2id(self) -> dict[str, int]:
+        return {label: i for i, label in enumerate(self.labels)}
+
+
 def read_labels(reader: ConfigReader) -> tuple[int, tuple[str, ...]]:
     """num_labels and the label names by id, from `id2label` (as transformers reads it) or `num_labels`."""
     raw_labels = reader.raw.get("id2label")

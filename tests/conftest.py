@@ -56,6 +56,26 @@ def minilm_dir(ckpt_root):
 
 
 @pytest.fixture(scope="session")
+def deberta_dirs(tmp_path_factory) -> dict[str, str]:
+    """Tiny DeBERTa v1 and v3 checkpoints with trained tokenizers, as test_deberta builds them."""
+    import transformers
+    from test_deberta import V3, save_checkpoint, train_byte_bpe, train_sentencepiece
+
+    root = tmp_path_factory.mktemp("deberta_checkpoints")
+    train_sentencepiece(str(root / "spm"))
+    train_byte_bpe(str(root / "bpe"))
+    v3_tokenizer = transformers.DebertaV2Tokenizer.from_pretrained(str(root / "spm"), model_max_length=128)
+    v1_tokenizer = transformers.DebertaTokenizer.from_pretrained(str(root / "bpe"), model_max_length=128)
+    v1_overrides = dict(relative_attention=True, pos_att_type="c2p|p2c", position_biased_input=False)
+    return {
+        "deberta-v3": save_checkpoint(
+            str(root / "v3"), "deberta-v2", v3_tokenizer, {**V3, "position_buckets": 32}
+        ),
+        "deberta-v1": save_checkpoint(str(root / "v1"), "deberta", v1_tokenizer, v1_overrides),
+    }
+
+
+@pytest.fixture(scope="session")
 def family_dirs(bert_dir, roberta_dir, electra_dir):
     return {"bert": bert_dir, "roberta": roberta_dir, "electra": electra_dir}
 

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import transformers
 from checkpoints import corpus
 from conftest import TOLERANCE
 from flax import nnx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_deberta import V3, save_checkpoint, train_byte_bpe, train_sentencepiece
 
 from flax_ce import CrossEncoder, score
 
@@ -31,23 +29,6 @@ TEXTS = st.one_of(
     st.lists(st.sampled_from(WORDS), max_size=80).map(" ".join),
 )
 PAIRS = st.lists(st.tuples(TEXTS, TEXTS), min_size=1, max_size=MAX_PAIRS)
-
-
-@pytest.fixture(scope="module")
-def deberta_dirs(tmp_path_factory) -> dict[str, str]:
-    """Tiny DeBERTa v1 and v3 checkpoints with trained tokenizers, as test_deberta builds them."""
-    root = tmp_path_factory.mktemp("properties_deberta")
-    train_sentencepiece(str(root / "spm"))
-    train_byte_bpe(str(root / "bpe"))
-    v3_tokenizer = transformers.DebertaV2Tokenizer.from_pretrained(str(root / "spm"), model_max_length=128)
-    v1_tokenizer = transformers.DebertaTokenizer.from_pretrained(str(root / "bpe"), model_max_length=128)
-    v1_overrides = dict(relative_attention=True, pos_att_type="c2p|p2c", position_biased_input=False)
-    return {
-        "deberta-v3": save_checkpoint(
-            str(root / "v3"), "deberta-v2", v3_tokenizer, {**V3, "position_buckets": 32}
-        ),
-        "deberta-v1": save_checkpoint(str(root / "v1"), "deberta", v1_tokenizer, v1_overrides),
-    }
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flax_ce.config import ConfigReader, read_labels
+from flax_ce.config import ConfigReader, LabelsMixin, read_labels
 from flax_ce.models.layers import (
     ClassificationHead,
     FeedForward,
@@ -26,7 +26,7 @@ MODEL_TYPES = ("bert", "roberta", "electra")
 
 
 @dataclasses.dataclass(frozen=True)
-class BertConfig:
+class BertConfig(LabelsMixin):
     """Everything the BERT-family forward pass depends on; built by `config_from_dict`."""
 
     model_type: str
@@ -46,14 +46,6 @@ class BertConfig:
     classifier_dropout: float | None = None
     num_labels: int = 1
     labels: tuple[str, ...] = ("LABEL_0",)
-
-    @property
-    def id2label(self) -> dict[int, str]:
-        return dict(enumerate(self.labels))
-
-    @property
-    def label2id(self) -> dict[str, int]:
-        return {label: i for i, label in enumerate(self.labels)}
 
     @property
     def uses_token_types(self) -> bool:

@@ -13,7 +13,7 @@ import numpy as np
 from flax import nnx
 
 from flax_ce.activations import HIDDEN_ACTIVATIONS
-from flax_ce.config import ConfigReader, read_labels
+from flax_ce.config import ConfigReader, LabelsMixin, read_labels
 from flax_ce.models.layers import (
     ClassificationHead,
     FeedForward,
@@ -31,7 +31,7 @@ NORM_REL_EBD = ("none", "layer_norm")
 
 
 @dataclasses.dataclass(frozen=True)
-class DebertaConfig:
+class DebertaConfig(LabelsMixin):
     """Everything the DeBERTa forward pass depends on; built by `config_from_dict`.
 
     `model_type` "deberta" is v1 (interleaved `in_proj`, sliced relative table); "deberta-v2" covers
@@ -67,14 +67,6 @@ class DebertaConfig:
     cls_dropout: float | None = None
     num_labels: int = 1
     labels: tuple[str, ...] = ("LABEL_0",)
-
-    @property
-    def id2label(self) -> dict[int, str]:
-        return dict(enumerate(self.labels))
-
-    @property
-    def label2id(self) -> dict[str, int]:
-        return {label: i for i, label in enumerate(self.labels)}
 
     @property
     def is_v1(self) -> bool:
