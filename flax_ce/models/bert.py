@@ -177,15 +177,7 @@ class EncoderLayer(nnx.Module):
 
     def __init__(self, config: BertConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
         self.attention = SelfAttention(config, rngs=rngs, dtype=dtype)
-        self.ffn = FeedForward(
-            config.hidden_size,
-            config.intermediate_size,
-            config.hidden_act,
-            config.layer_norm_eps,
-            config.hidden_dropout_prob,
-            rngs=rngs,
-            dtype=dtype,
-        )
+        self.ffn = FeedForward.from_config(config, rngs=rngs, dtype=dtype)
 
     def __call__(self, x: jax.Array, key_mask: jax.Array) -> jax.Array:
         return self.ffn(self.attention(x, key_mask))

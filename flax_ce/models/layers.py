@@ -88,6 +88,19 @@ class FeedForward(nnx.Module):
         self.act = HIDDEN_ACTIVATIONS[act]
         self.output = ResidualOutput(intermediate, hidden, eps, dropout_rate, rngs=rngs, dtype=dtype)
 
+    @classmethod
+    def from_config(cls, config, *, rngs: nnx.Rngs, dtype) -> FeedForward:
+        """The block as a BERT-family or DeBERTa config describes it (same field names in both)."""
+        return cls(
+            config.hidden_size,
+            config.intermediate_size,
+            config.hidden_act,
+            config.layer_norm_eps,
+            config.hidden_dropout_prob,
+            rngs=rngs,
+            dtype=dtype,
+        )
+
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.output(self.act(self.intermediate(x)), x)
 
