@@ -185,18 +185,25 @@ DEVICES_SCRIPT = textwrap.dedent(
     from flax_ce import CrossEncoder
     from flax_ce.training import fit
 
+    def flat(ce):
+        return {"/".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(ce.model))}
+
     assert jax.device_count() == 4
     examples = json.loads(sys.argv[2])
     runs = []
     for devices in (jax.devices()[:1], jax.devices()):
         ce = CrossEncoder(sys.argv[1], max_length=32)
+        before = flat(ce)
         result = fit(ce, examples, batch_size=8, max_steps=3, learning_rate=1e-3, devices=devices, show_progress_bar=False)
-        params = {"/".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(ce.model))}
-        runs.append((result.losses, params))
-    (losses_1, params_1), (losses_4, params_4) = runs
+        runs.append((result.losses, {k: v - before[k] for k, v in flat(ce).items()}))
+    (losses_1, moved_1), (losses_4, moved_4) = runs
     print(json.dumps({
         "losses": float(np.abs(np.subtract(losses_1, losses_4)).max()),
-        "params": {k: float(np.abs(params_1[k] - params_4[k]).max()) for k in params_1},
+        "max_abs": {k: float(np.abs(moved_1[k] - moved_4[k]).max()) for k in moved_1},
+        "relative": {
+            k: float(np.linalg.norm(moved_1[k] - moved_4[k]) / max(np.linalg.norm(moved_1[k]), 1e-30))
+            for k in moved_1
+        },
     }))
     """
 )
@@ -215,12 +222,21 @@ def test_one_and_four_devices_train_the_same(bert_dir):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     diffs = json.loads(out.stdout.strip().splitlines()[-1])
+    print(json.dumps(diffs, indent=1))
     assert diffs["losses"] < 1e-5  # same batches, same dropout masks, one device or four
-    # Attention key biases have an exactly zero gradient (softmax ignores a per-query constant), so Adam
-    # turns the reduction-order noise in theirs into steps of up to +-lr (lr 1e-3, 2/3e-3, 1/3e-3 over
-    # the three steps); every other weight agrees.
-    for name, diff in diffs["params"].items():
-        assert diff < (4.1e-3 if name.endswith("attention/key/bias") else 1e-5), name
+    # Compare what training moved (weights after minus before). Adam divides each gradient by its own
+    # running RMS, so an element whose gradient is near zero turns float reduction-order noise (summing
+    # over 1 or 4 shards) into a visible step: single elements may differ by a few percent of one step
+    # (lr 1e-3), while each tensor's update as a whole must agree to 0.1%. Attention key biases have an
+    # exactly zero gradient (softmax ignores a per-query constant), so their whole update is that noise,
+    # bounded by the three learning rates (1e-3 + 2/3e-3 + 1/3e-3). A gradient that was not all-reduced
+    # over the shards moves every tensor differently by the order of a whole step.
+    for name, diff in diffs["max_abs"].items():
+        if name.endswith("attention/key/bias"):
+            assert diff < 2.1e-3, name
+        else:
+            assert diff < 1e-4, name
+            assert diffs["relative"][name] < 1e-3, name
 
 
 def test_optimizer_schedule_warms_up_then_decays():
