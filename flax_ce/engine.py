@@ -173,15 +173,30 @@ class ScoringEngine:
         self.set_model(model)
 
     def set_model(self, model: nnx.Module) -> None:
-        """Score with new weights (e.g. after training); compiled programs are rebuilt on demand."""
-        self.model = model
-        self._scorers: dict[Callable, tuple[Callable, nnx.State]] = {}
-        self._compiled: dict[tuple[Callable, int, int], Callable] = {}
+        """Score with `model`'s weights from now on (e.g. after a training step or evaluation).
+
+        Compiled programs take the weights as an argument, so they are kept when the new model has the
+        same structure, shapes and dtypes; otherwise they are rebuilt on demand.
+        """
+        graphdef, state = nnx.split(model)
+        leaves, treedef = jax.tree.flatten(state)
+        signature = (graphdef, treedef, [(x.shape, x.dtype) for x in leaves])
+        if signature != getattr(self, "_signature", None):
+            self._scorers: dict[Callable, tuple[Callable, nnx.State]] = {}
+            self._compiled: dict[tuple[Callable, int, int], Callable] = {}
+        else:
+            self._scorers = {key: (fn, self._place(state)) for key, (fn, _) in self._scorers.items()}
+        self.model, self._signature = model, signature
+
+    def _place(self, params: nnx.State) -> nnx.State:
+        """The weights as the compiled programs take them: in the engine's dtype, replicated over its mesh."""
+        params = cast_params(params, self.dtype)
+        return jax.device_put(params, NamedSharding(self.mesh, PartitionSpec())) if self.mesh else params
 
     def _scorer(self, activation_fn: Callable):
         if activation_fn not in self._scorers:
             fn, params = make_scorer(self.model, activation_fn, self.mesh)
-            self._scorers[activation_fn] = (fn, cast_params(params, self.dtype))
+            self._scorers[activation_fn] = (fn, self._place(params))
         return self._scorers[activation_fn]
 
     def compiled(self, activation_fn: Callable, rows: int, length: int) -> Callable:

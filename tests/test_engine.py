@@ -8,10 +8,13 @@ import socket
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from checkpoints import corpus, sample_pairs
+from conftest import count_compiles
+from flax import nnx
 
 from flax_ce import CrossEncoder
 
@@ -40,6 +43,31 @@ def test_scores_do_not_depend_on_batching(bert_dir):
         assert np.abs(ce.predict([PAIRS[i] for i in order]) - reference[order]).max() <= 1e-5
     for batch_size in (2, 5, 64):
         assert np.abs(CrossEncoder(bert_dir).predict(PAIRS, batch_size=batch_size) - reference).max() <= 1e-5
+
+
+def test_new_weights_reuse_compiled_programs(bert_dir):
+    ce = CrossEncoder(bert_dir)
+    before = ce.predict(PAIRS)
+    compiled = ce.engine.compile_count
+    params = nnx.state(ce.model, nnx.Param)
+    nnx.update(ce.model, jax.tree.map(lambda x: x * 1.05, params))  # what training does, in place
+    ce.engine.set_model(ce.model)
+    with count_compiles() as compiles:
+        after = ce.predict(PAIRS)
+    assert compiles[0] == 0 and ce.engine.compile_count == compiled
+    assert np.abs(after - before).max() > 1e-2  # the new weights are the ones scored
+    fresh = CrossEncoder(bert_dir)
+    nnx.update(fresh.model, nnx.state(ce.model, nnx.Param))
+    fresh.engine.set_model(fresh.model)
+    assert np.abs(fresh.predict(PAIRS) - after).max() <= 1e-6
+
+    # Other shapes or dtypes are another program: compiled again, not fed to the old one.
+    head = ce.model.head.out_proj.kernel
+    head.set_value(head.get_value().astype(jnp.bfloat16))
+    ce.engine.set_model(ce.model)
+    with count_compiles() as compiles:
+        ce.predict(PAIRS)
+    assert compiles[0] >= 1 and ce.engine.compile_count > compiled
 
 
 SHARDED = """

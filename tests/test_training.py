@@ -79,6 +79,7 @@ def test_loss_decreases_and_held_out_precision_improves(bert_dir):
     evaluator = ClassificationEvaluator([(a, b) for a, b, _ in held_out], [int(y) for *_, y in held_out])
     ce = CrossEncoder(bert_dir, max_length=32)
     before = evaluator(ce)["average_precision"]
+    compiled = ce.engine.compile_count
     result = fit(
         ce, train, epochs=4, batch_size=16, learning_rate=3e-3, evaluator=evaluator, eval_steps=50, seed=0
     )
@@ -89,6 +90,7 @@ def test_loss_decreases_and_held_out_precision_improves(bert_dir):
     assert after > before + 0.1
     # ce now scores with the trained weights, and its dropout stays off for scoring.
     assert evaluator(ce)["average_precision"] == pytest.approx(after)
+    assert ce.engine.compile_count == compiled  # evaluating new weights reuses the scoring programs
     assert all(m.deterministic for _, m in nnx.iter_modules(ce.model) if isinstance(m, nnx.Dropout))
 
 
