@@ -36,6 +36,8 @@ def resolve_model_dir(
             f"model_name_or_path must be a path or hub id, got {type(model_name_or_path).__name__}"
         )
     path = os.fspath(model_name_or_path)
+    if not path.strip():
+        raise ValueError("model_name_or_path is empty; pass a model directory or a hub id")
     if os.path.isdir(path):
         return path
     if os.path.exists(path):

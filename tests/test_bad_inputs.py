@@ -235,8 +235,11 @@ def test_model_argument_types(tmp_path):
             constructor(None)
         with pytest.raises(TypeError, match="got int"):
             constructor(3)
+        for empty in ("", "  "):
+            with pytest.raises(ValueError, match="model_name_or_path is empty; pass a model directory"):
+                constructor(empty)
         with pytest.raises(FileNotFoundError, match="neither a local directory nor a valid hub id"):
-            constructor("")
+            constructor("not a hub id!")
         with pytest.raises(FileNotFoundError, match="no such model directory"):
             constructor(str(tmp_path / "missing" / "model"))
         with pytest.raises(FileNotFoundError, match=r"config\.json not found"):
