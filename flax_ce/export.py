@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 
@@ -22,6 +23,19 @@ ARCHITECTURES = {
 # Written fresh below, or stale once the weights are ours (fp32) and the activation is recorded.
 REPLACED_KEYS = ("architectures", "id2label", "label2id", "num_labels", "torch_dtype", "dtype")
 STALE_KEYS = ("sbert_ce_default_activation_function", "_name_or_path")
+# Files a directory may already hold that would shadow or contradict what save_pretrained writes: other
+# weights (a loader could pick them, or they just waste space) and sentence-transformers' own settings
+# files, which it reads before config.json (a stale activation_fn or max_seq_length there would win).
+STALE_FILES = (
+    "model.safetensors.index.json",
+    "model-*-of-*.safetensors",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+    "pytorch_model-*-of-*.bin",
+    "modules.json",
+    "config_sentence_transformers.json",
+    "sentence_bert_config.json",
+)
 
 
 def export_config(ce) -> dict:
@@ -47,8 +61,24 @@ def export_config(ce) -> dict:
     return config
 
 
+def remove_stale_files(path: str) -> list[str]:
+    """Delete the STALE_FILES in directory `path` (not below it); returns the names removed."""
+    removed = []
+    for pattern in STALE_FILES:
+        for name in sorted(glob.glob(glob.escape(path) + os.sep + pattern)):
+            if os.path.isfile(name) or os.path.islink(name):
+                os.remove(name)
+                removed.append(os.path.basename(name))
+    return removed
+
+
 def save_pretrained(ce, path: str | os.PathLike) -> None:
-    """Write config.json, tokenizer files and model.safetensors (PyTorch layout) for `ce` into `path`."""
+    """Write config.json, tokenizer files and model.safetensors (PyTorch layout) for `ce` into `path`.
+
+    Saving into a directory that already holds a checkpoint (e.g. the one `ce` was loaded from) replaces
+    it: other weight files and sentence-transformers settings files there are removed, so every loader
+    reads exactly what was saved.
+    """
     config = export_config(ce)  # first, so a refused activation leaves no half-written directory
     params = {
         tuple(p): np.asarray(var.get_value()) for p, var in nnx.to_flat_state(nnx.state(ce.model, nnx.Param))
@@ -56,6 +86,7 @@ def save_pretrained(ce, path: str | os.PathLike) -> None:
     tensors = torch_state_dict(params, ce.config.model_type)
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
+    remove_stale_files(path)
     save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2, sort_keys=True)

@@ -153,6 +153,24 @@ def test_fresh_head_on_a_bare_encoder_exports_as_a_task_checkpoint(bert_dir, tmp
     assert np.abs(CrossEncoder(tmp_path / "out").predict(pairs) - ce.predict(pairs)).max() <= 1e-6
 
 
+def test_saving_over_a_sentence_transformers_directory_replaces_it(bert_dir, tmp_path):
+    from sentence_transformers import CrossEncoder as ReferenceCrossEncoder
+
+    st_dir = str(tmp_path / "st")
+    ReferenceCrossEncoder(bert_dir, device="cpu").save_pretrained(st_dir)  # modules.json, activation Sigmoid
+    torch.save({"stale": torch.zeros(1)}, os.path.join(st_dir, "pytorch_model.bin"))
+    ce = CrossEncoder(st_dir, max_length=MAX_LENGTH, activation_fn="torch.nn.Identity")
+    perturb(ce)
+    ce.save_pretrained(st_dir)  # over the directory it was loaded from
+    left = set(os.listdir(st_dir))
+    assert not left & {"pytorch_model.bin", "modules.json", "config_sentence_transformers.json"}
+    pairs = sample_pairs(6, seed=5)
+    reference = ReferenceCrossEncoder(st_dir, device="cpu")
+    assert type(reference.activation_fn).__name__ == "Identity"  # not the stale Sigmoid
+    assert np.abs(reference.predict(pairs) - ce.predict(pairs)).max() <= TOLERANCE
+    assert np.abs(CrossEncoder(st_dir).predict(pairs) - ce.predict(pairs)).max() <= 1e-6
+
+
 BERT_LIKE = {
     "bert": transformers.BertConfig(),
     "roberta": transformers.RobertaConfig(),
