@@ -7,14 +7,16 @@ import json
 import sys
 from collections.abc import Callable
 
+from flax_ce.inputs import check_pair
+
 # Subcommands: name -> (add_arguments, run). Other modules register theirs in `commands()`.
 Command = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 
 PROGRESS_THRESHOLD = 1000
 
 
-def _read_jsonl(path: str) -> list:
-    """Rows of a JSONL file ("-" for stdin); errors name the line."""
+def _read_jsonl(path: str) -> list[tuple[str, object]]:
+    """(where, value) for each non-blank line of a JSONL file ("-" for stdin); `where` names file and line."""
     stream = sys.stdin if path == "-" else open(path, encoding="utf-8")  # noqa: SIM115
     rows = []
     with stream:
@@ -22,13 +24,14 @@ def _read_jsonl(path: str) -> list:
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                rows.append((f"{path}, line {number}", json.loads(line)))
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}, line {number}: not valid JSON ({e.msg})") from e
     return rows
 
 
 def _pair_from_row(row, where: str) -> list[str]:
+    """A pair from a JSONL row: [text_a, text_b] or an object with one of the known key pairs."""
     if isinstance(row, dict):
         for a, b in (
             ("query", "document"),
@@ -37,11 +40,19 @@ def _pair_from_row(row, where: str) -> list[str]:
             ("sentence1", "sentence2"),
         ):
             if a in row and b in row:
-                return [row[a], row[b]]
-        raise ValueError(
-            f"{where}: an object needs query/document, text_a/text_b, premise/hypothesis or sentence1/sentence2"
-        )
-    return row
+                row = [row[a], row[b]]
+                break
+        else:
+            raise ValueError(
+                f"{where}: an object needs query/document, text_a/text_b, premise/hypothesis or "
+                "sentence1/sentence2"
+            )
+    return list(check_pair(row, where))
+
+
+def read_pairs_file(path: str) -> list[list[str]]:
+    """The pairs of a JSONL file, each checked; errors name the file and line."""
+    return [_pair_from_row(row, where) for where, row in _read_jsonl(path)]
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -81,9 +92,7 @@ def _load(args: argparse.Namespace):
 def _run_predict(args: argparse.Namespace) -> int:
     pairs = [list(p) for p in args.pair]
     if args.pairs:
-        pairs += [
-            _pair_from_row(row, f"{args.pairs}, row {i + 1}") for i, row in enumerate(_read_jsonl(args.pairs))
-        ]
+        pairs += read_pairs_file(args.pairs)
     if not pairs:
         raise ValueError("no pairs given: use --pair A B or --pairs FILE.jsonl")
     ce = _load(args)
@@ -108,10 +117,10 @@ def _run_predict(args: argparse.Namespace) -> int:
 def _run_rank(args: argparse.Namespace) -> int:
     documents = list(args.documents)
     if args.documents_file:
-        for i, row in enumerate(_read_jsonl(args.documents_file)):
+        for where, row in _read_jsonl(args.documents_file):
             documents.append(row.get("text") if isinstance(row, dict) else row)
             if not isinstance(documents[-1], str):
-                raise ValueError(f'{args.documents_file}, row {i + 1}: expected a string or {{"text": ...}}')
+                raise ValueError(f'{where}: expected a string or {{"text": ...}}')
     if not documents:
         raise ValueError("no documents given: use --documents ... or --documents-file FILE.jsonl")
     ce = _load(args)

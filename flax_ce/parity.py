@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from flax_ce.engine import cast_params
-from flax_ce.inputs import check_pair, check_positive, normalise_pairs, shorten_long_texts
+from flax_ce.inputs import check_positive, normalise_pairs, shorten_long_texts
 
 if TYPE_CHECKING:
     from flax_ce.cross_encoder import CrossEncoder
@@ -476,14 +476,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Exit status: 0 within tolerance, 1 not, 2 when the reference is missing (other errors: cli.main)."""
-    from flax_ce.cli import _pair_from_row, _read_jsonl
+    from flax_ce.cli import read_pairs_file
 
     pairs = None
     if args.pairs:
-        pairs = [
-            check_pair(_pair_from_row(row, f"{args.pairs}, row {i + 1}"), f"{args.pairs}, row {i + 1}")
-            for i, row in enumerate(_read_jsonl(args.pairs))
-        ]
+        pairs = [tuple(pair) for pair in read_pairs_file(args.pairs)]
         if not pairs:
             raise ValueError(f"{args.pairs}: no pairs in the file")
     try:

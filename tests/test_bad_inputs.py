@@ -362,11 +362,33 @@ def test_cli_bad_inputs_exit_2(bert_dir, roberta_dir, tmp_path, capsys):
     fails("predict", f"{bert_dir}/config.json", "--pair", "a", "b", message="is a file")
     fails("predict", bert_dir, message="no pairs given")
     rows = tmp_path / "rows.jsonl"
-    rows.write_text('["a", "b"]\n["a", "b", "c"]\n')
-    fails("predict", bert_dir, "--pairs", str(rows), message="pair 1 must have exactly 2 texts, got 3")
+    rows.write_text('["a", "b"]\n\n["a", "b", "c"]\n')
+    fails(
+        "predict", bert_dir, "--pairs", str(rows), message=f"{rows}, line 3 must have exactly 2 texts, got 3"
+    )
     rows.write_text('["a", 3]\n')
-    fails("predict", bert_dir, "--pairs", str(rows), message="pair 0, text 1: expected str, got int")
+    fails("predict", bert_dir, "--pairs", str(rows), message=f"{rows}, line 1, text 1: expected str, got int")
+    rows.write_text('["a", "b"]\n{"query": "a", "document": null}\n')
+    fails(
+        "predict",
+        bert_dir,
+        "--pairs",
+        str(rows),
+        message=f"{rows}, line 2, text 1: expected str, got NoneType",
+    )
+    rows.write_text('"just one text"\n')
+    fails("predict", bert_dir, "--pairs", str(rows), message=f"{rows}, line 1 must be a list or tuple")
     rows.write_text('{"question": "a", "answer": "b"}\n')
-    fails("predict", bert_dir, "--pairs", str(rows), message="row 1: an object needs query/document")
-    rows.write_text("42\n")
-    fails("rank", bert_dir, "--query", "q", "--documents-file", str(rows), message="row 1: expected a string")
+    fails(
+        "predict", bert_dir, "--pairs", str(rows), message=f"{rows}, line 1: an object needs query/document"
+    )
+    rows.write_text('"a"\n42\n')
+    fails(
+        "rank",
+        bert_dir,
+        "--query",
+        "q",
+        "--documents-file",
+        str(rows),
+        message=f"{rows}, line 2: expected a string",
+    )

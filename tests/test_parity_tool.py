@@ -150,7 +150,7 @@ def test_usage_and_load_errors_exit_2(bert_dir, tmp_path, capsys, monkeypatch):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('["a", "b"]\n["a", "b", "c"]\n')
     assert main(["parity", bert_dir, "--pairs", str(bad)]) == 2
-    assert "bad.jsonl, row 2 must have exactly 2 texts, got 3" in capsys.readouterr().err
+    assert "bad.jsonl, line 2 must have exactly 2 texts, got 3" in capsys.readouterr().err
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     assert main(["parity", bert_dir, "--pairs", str(empty)]) == 2
