@@ -54,6 +54,31 @@ class ConfigReader:
             return default
         return name
 
+    def model_type(self, supported: tuple[str, ...]) -> str:
+        """`model_type`, which must be one of `supported`."""
+        model_type = self.get("model_type", kind=str)
+        self.require(model_type in supported, f"model_type {model_type!r} is not one of {supported}")
+        return model_type
+
+    def width_and_heads(self) -> tuple[int | None, int | None]:
+        """(hidden_size, num_attention_heads); the width must split evenly over the heads."""
+        hidden = self.get("hidden_size", kind=int)
+        heads = self.get("num_attention_heads", kind=int)
+        if hidden and heads:
+            self.require(
+                hidden % heads == 0,
+                f"hidden_size {hidden} is not a multiple of num_attention_heads {heads}",
+            )
+        return hidden, heads
+
+    def check_problem_type(self) -> None:
+        """Only the published checkpoints' kinds of head: single-label classification or regression."""
+        value = self.raw.get("problem_type")
+        self.require(
+            value in (None, "regression", "single_label_classification"),
+            f"problem_type={value!r} is not supported",
+        )
+
     def finish(self) -> None:
         """Raise one ConfigError listing every recorded problem."""
         if self.problems:

@@ -55,14 +55,8 @@ class BertConfig(LabelsMixin):
 def config_from_dict(raw: Mapping[str, Any], source: str = "config.json") -> BertConfig:
     """Validate a BERT/RoBERTa/ELECTRA config.json dict; one ConfigError lists every unsupported setting."""
     r = ConfigReader(raw, source)
-    model_type = r.get("model_type", kind=str)
-    r.require(model_type in MODEL_TYPES, f"model_type {model_type!r} is not one of {MODEL_TYPES}")
-    hidden = r.get("hidden_size", kind=int)
-    heads = r.get("num_attention_heads", kind=int)
-    if hidden and heads:
-        r.require(
-            hidden % heads == 0, f"hidden_size {hidden} is not a multiple of num_attention_heads {heads}"
-        )
+    model_type = r.model_type(MODEL_TYPES)
+    hidden, heads = r.width_and_heads()
     position_type = r.get("position_embedding_type", "absolute", str)
     r.require(
         position_type == "absolute",
@@ -70,12 +64,7 @@ def config_from_dict(raw: Mapping[str, Any], source: str = "config.json") -> Ber
     )
     for flag in ("is_decoder", "add_cross_attention"):
         r.require(not raw.get(flag, False), f"{flag}=true is not supported (encoder-only cross-encoders)")
-    for key in ("problem_type",):
-        value = raw.get(key)
-        r.require(
-            value in (None, "regression", "single_label_classification"),
-            f"{key}={value!r} is not supported",
-        )
+    r.check_problem_type()
     num_labels, labels = read_labels(r)
     default_eps = 1e-12
     embedding_size = r.get("embedding_size", hidden, int) if model_type == "electra" else hidden

@@ -102,15 +102,10 @@ def _split_names(value: Any) -> list[str] | Any:
 def config_from_dict(raw: Mapping[str, Any], source: str = "config.json") -> DebertaConfig:
     """Validate a DeBERTa / DeBERTa-v2 config.json dict; one ConfigError lists every unsupported setting."""
     r = ConfigReader(raw, source)
-    model_type = r.get("model_type", kind=str)
-    r.require(model_type in MODEL_TYPES, f"model_type {model_type!r} is not one of {MODEL_TYPES}")
+    model_type = r.model_type(MODEL_TYPES)
     is_v1 = model_type == "deberta"
-    hidden = r.get("hidden_size", kind=int)
-    heads = r.get("num_attention_heads", kind=int)
-    if hidden and heads:
-        r.require(
-            hidden % heads == 0, f"hidden_size {hidden} is not a multiple of num_attention_heads {heads}"
-        )
+    hidden, heads = r.width_and_heads()
+    if hidden and heads and hidden % heads == 0:
         # v2 reads attention_head_size, but its output projection needs heads * head_size == hidden_size.
         head_size = raw.get("attention_head_size")
         r.require(
@@ -165,11 +160,7 @@ def config_from_dict(raw: Mapping[str, Any], source: str = "config.json") -> Deb
         f"pooler_hidden_size={pooler_size} is not supported (the reference's classifier reads "
         f"hidden_size={hidden} features)",
     )
-    problem_type = raw.get("problem_type")
-    r.require(
-        problem_type in (None, "regression", "single_label_classification"),
-        f"problem_type={problem_type!r} is not supported",
-    )
+    r.check_problem_type()
     type_vocab = r.get("type_vocab_size", 0, int)
     r.require(type_vocab is None or type_vocab >= 0, f"type_vocab_size must be >= 0, got {type_vocab}")
     num_labels, labels = read_labels(r)
