@@ -54,7 +54,10 @@ def sentence_transformers_settings(model_dir: str) -> dict:
     settings = {}
     st_config_path = os.path.join(model_dir, "config_sentence_transformers.json")
     if os.path.isfile(st_config_path):
-        settings["activation_fn"] = (st_config_path, _read_json(st_config_path).get("activation_fn"))
+        st_config = _read_json(st_config_path)
+        settings["activation_fn"] = (st_config_path, st_config.get("activation_fn"))
+        settings["prompts"] = (st_config_path, st_config.get("prompts") or {})
+        settings["default_prompt_name"] = st_config.get("default_prompt_name")
     module_config_path = os.path.join(model_dir, "sentence_bert_config.json")
     if os.path.isfile(module_config_path):
         max_seq_length = _read_json(module_config_path).get("max_seq_length")
@@ -89,6 +92,30 @@ def default_activation(st_settings: dict, raw_config: dict, num_labels: int) -> 
     return SCORE_ACTIVATIONS["Sigmoid"] if num_labels == 1 else SCORE_ACTIVATIONS["Identity"]
 
 
+def merge_prompts(
+    st_settings: dict, prompts: dict[str, str] | None, default_prompt_name: str | None
+) -> tuple[dict[str, str], str | None]:
+    """(prompts, default_prompt_name) as sentence-transformers merges them: the caller's first, then the
+    saved ones for names the caller did not give."""
+    merged = dict(prompts or {})
+    source, saved = st_settings.get("prompts", ("", {}))
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{source}: 'prompts' must map names to strings, got {saved!r}")
+    for name, text in saved.items():
+        merged.setdefault(name, text)
+    for name, text in merged.items():
+        if text is not None:
+            check_text(text, f"prompt {name!r}")
+    merged = {name: text or "" for name, text in merged.items()}
+    if default_prompt_name is None:
+        default_prompt_name = st_settings.get("default_prompt_name")
+    if default_prompt_name is not None and default_prompt_name not in merged:
+        raise ValueError(
+            f"default_prompt_name {default_prompt_name!r} is not one of the prompts {sorted(merged)}"
+        )
+    return merged, default_prompt_name
+
+
 def position_limit(config) -> int | None:
     """The longest sequence the model's position embeddings can index, or None if unlimited."""
     if config.model_type == "roberta":
@@ -113,8 +140,21 @@ class CrossEncoder:
         devices: Sequence[jax.Device] | None = None,
         mesh: Mesh | None = None,
         token_budget: int = DEFAULT_TOKEN_BUDGET,
+        prompts: dict[str, str] | None = None,
+        default_prompt_name: str | None = None,
+        token: str | bool | None = None,
+        local_files_only: bool = False,
+        cache_folder: str | None = None,
     ):
-        self.model_dir = resolve_model_dir(model_name_or_path, cache_dir=cache_dir, revision=revision)
+        if cache_folder is not None:  # sentence-transformers' name for it
+            if cache_dir is not None:
+                raise TypeError(
+                    "pass either 'cache_dir' or its sentence-transformers name 'cache_folder', not both"
+                )
+            cache_dir = cache_folder
+        self.model_dir = resolve_model_dir(
+            model_name_or_path, cache_dir, revision, token=token, local_files_only=local_files_only
+        )
         self.raw_config, self.config, fresh_head = read_config(self.model_dir, num_labels)
         self.dtype = dtype
         self.model = load_model(
@@ -132,6 +172,7 @@ class CrossEncoder:
         self.activation_fn = activation_fn or default_activation(
             st_settings, self.raw_config, self.num_labels
         )
+        self.prompts, self.default_prompt_name = merge_prompts(st_settings, prompts, default_prompt_name)
         check_positive("token_budget", token_budget)
         self.token_budget = token_budget
         self.engine = ScoringEngine(
@@ -239,14 +280,23 @@ class CrossEncoder:
         apply_softmax: bool = False,
         convert_to_numpy: bool = True,
         convert_to_tensor: bool = False,
+        prompt_name: str | None = None,
+        prompt: str | None = None,
         **legacy,
     ):
-        """Scores for one pair or a list of pairs: [N] for 1-label models, [N, C] otherwise."""
+        """Scores for one pair or a list of pairs: [N] for 1-label models, [N, C] otherwise.
+
+        `prompt` (or the text of `prompts[prompt_name]`, or of the default prompt) is put in front of
+        each pair's first text, as sentence-transformers does.
+        """
         inputs = _legacy_argument(legacy, "sentences", "inputs", inputs)
         activation_fn = _legacy_argument(legacy, "activation_fct", "activation_fn", activation_fn)
         if legacy:
             raise TypeError(f"predict() got unexpected keyword arguments: {', '.join(sorted(legacy))}")
         pairs, single = normalise_pairs(inputs)
+        prompt = self.resolve_prompt(prompt, prompt_name)
+        if prompt:
+            pairs = [(prompt + a, b) for a, b in pairs]
         check_positive("batch_size", batch_size, allow_none=True)
         if isinstance(activation_fn, str):
             activation_fn = activation_from_name(activation_fn)
@@ -277,8 +327,12 @@ class CrossEncoder:
         batch_size: int | None = None,
         show_progress_bar: bool | None = None,
         activation_fn: Callable | str | None = None,
+        prompt_name: str | None = None,
+        prompt: str | None = None,
     ) -> list[dict]:
-        """Documents sorted by score for `query`: [{"corpus_id", "score"(, "text")}], best first."""
+        """Documents sorted by score for `query`: [{"corpus_id", "score"(, "text")}], best first.
+
+        A prompt goes in front of the query, as in predict()."""
         if self.num_labels != 1:
             raise ValueError(
                 f"rank() needs a model with num_labels=1; this one has {self.num_labels} "
@@ -295,6 +349,8 @@ class CrossEncoder:
             batch_size=batch_size,
             show_progress_bar=show_progress_bar,
             activation_fn=activation_fn,
+            prompt_name=prompt_name,
+            prompt=prompt,
         )
         results = [{"corpus_id": i, "score": float(s)} for i, s in enumerate(scores)]
         if return_documents:
@@ -302,6 +358,22 @@ class CrossEncoder:
                 r["text"] = documents[r["corpus_id"]]
         results.sort(key=lambda r: r["score"], reverse=True)
         return results[:top_k]
+
+    def resolve_prompt(self, prompt: str | None, prompt_name: str | None) -> str | None:
+        """The prompt text to use: `prompt`, else `prompts[prompt_name]`, else the default prompt's, else None."""
+        if prompt is not None:
+            if prompt_name is not None:  # sentence-transformers' rule, and its warning
+                logger.warning("Both prompt and prompt_name given: using prompt, ignoring prompt_name")
+            return check_text(prompt, "prompt")
+        if prompt_name is not None:
+            if prompt_name not in self.prompts:
+                raise ValueError(
+                    f"prompt_name {prompt_name!r} is not one of the prompts {sorted(self.prompts)}"
+                )
+            return self.prompts[prompt_name]
+        if self.default_prompt_name is not None:
+            return self.prompts[self.default_prompt_name]
+        return None
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Save as a transformers checkpoint that sentence-transformers, transformers and flax_ce load."""

@@ -72,9 +72,38 @@ def remove_stale_files(path: str) -> list[str]:
     return removed
 
 
+def sentence_transformers_files(ce, activation: str) -> dict[str, object]:
+    """sentence-transformers' own settings files (as its 6.x save_pretrained writes them), which are the
+    only place it reads prompts from: a single Transformer module at the root, scoring with logits."""
+    return {
+        "modules.json": [
+            {
+                "idx": 0,
+                "name": "0",
+                "path": "",
+                "type": "sentence_transformers.base.modules.transformer.Transformer",
+            }
+        ],
+        "sentence_bert_config.json": {
+            "transformer_task": "sequence-classification",
+            "modality_config": {"text": {"method": "forward", "method_output_name": "logits"}},
+            "module_output_name": "scores",
+        },
+        "config_sentence_transformers.json": {
+            "model_type": "CrossEncoder",
+            "activation_fn": activation,
+            "prompts": ce.prompts,
+            "default_prompt_name": ce.default_prompt_name,
+        },
+    }
+
+
 def save_pretrained(ce, path: str | os.PathLike) -> None:
     """Write config.json, tokenizer files and model.safetensors (PyTorch layout) for `ce` into `path`.
 
+    A model with prompts also gets sentence-transformers' settings files (modules.json and its companions,
+    the format of sentence-transformers 6), the only place it reads prompts from; without prompts the
+    directory is a plain transformers checkpoint that any sentence-transformers version loads.
     Saving into a directory that already holds a checkpoint (e.g. the one `ce` was loaded from) replaces
     it: other weight files and sentence-transformers settings files there are removed, so every loader
     reads exactly what was saved.
@@ -88,7 +117,11 @@ def save_pretrained(ce, path: str | os.PathLike) -> None:
     os.makedirs(path, exist_ok=True)
     remove_stale_files(path)
     save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
-        f.write("\n")
+    files = {"config.json": config}
+    if ce.prompts or ce.default_prompt_name is not None:
+        files.update(sentence_transformers_files(ce, config["sentence_transformers"]["activation_fn"]))
+    for name, content in files.items():
+        with open(os.path.join(path, name), "w", encoding="utf-8") as f:
+            json.dump(content, f, indent=2, sort_keys=True)
+            f.write("\n")
     ce.tokenizer.save_pretrained(path)

@@ -8,6 +8,8 @@ import os
 ALLOW_PATTERNS = [
     "config.json",
     "config_sentence_transformers.json",
+    "modules.json",
+    "sentence_bert_config.json",
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
@@ -28,9 +30,18 @@ IGNORE_PATTERNS = ["onnx/*", "openvino/*", "*.onnx", "*.h5", "*.msgpack", "*.ot"
 
 
 def resolve_model_dir(
-    model_name_or_path: str | os.PathLike, cache_dir: str | None = None, revision: str | None = None
+    model_name_or_path: str | os.PathLike,
+    cache_dir: str | None = None,
+    revision: str | None = None,
+    *,
+    token: str | bool | None = None,
+    local_files_only: bool = False,
 ) -> str:
-    """Local directory holding the model's files; downloads (or reads the hub cache) for a hub id."""
+    """Local directory holding the model's files; downloads (or reads the hub cache) for a hub id.
+
+    `token` (for private or gated repositories) and `local_files_only` (use the cache, never the
+    network) mean what they mean to huggingface_hub.
+    """
     if not isinstance(model_name_or_path, (str, os.PathLike)):
         raise TypeError(
             f"model_name_or_path must be a path or hub id, got {type(model_name_or_path).__name__}"
@@ -52,6 +63,8 @@ def resolve_model_dir(
             repo_id=path,
             revision=revision,
             cache_dir=cache_dir,
+            token=token,
+            local_files_only=local_files_only,
             allow_patterns=ALLOW_PATTERNS,
             ignore_patterns=IGNORE_PATTERNS,
         )
@@ -59,11 +72,11 @@ def resolve_model_dir(
         raise FileNotFoundError(f"{path}: neither a local directory nor a valid hub id ({e})") from e
     except Exception as e:  # noqa: BLE001 - any hub/network failure gets the same actionable message
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-        reason = (
-            "HF_HUB_OFFLINE is set and it is not in the cache"
-            if offline
-            else "the Hugging Face hub is unreachable or refused it"
-        )
+        if offline or local_files_only:
+            switch = "local_files_only=True" if local_files_only else "HF_HUB_OFFLINE is set"
+            reason = f"{switch} and it is not in the cache"
+        else:
+            reason = "the Hugging Face hub is unreachable or refused it"
         raise OSError(
             f"could not fetch {path!r} from the Hugging Face hub ({reason}: {type(e).__name__}: {e}). "
             "Download the model elsewhere (config.json, tokenizer files and model.safetensors or "

@@ -69,9 +69,13 @@ def load(
     dtype=jnp.float32,
     cache_dir: str | None = None,
     revision: str | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool = False,
 ):
     """`(model, tokenizer, config)` for a local directory or hub id; the model is an NNX module."""
-    model_dir = resolve_model_dir(model_name_or_path, cache_dir=cache_dir, revision=revision)
+    model_dir = resolve_model_dir(
+        model_name_or_path, cache_dir, revision, token=token, local_files_only=local_files_only
+    )
     _, config, fresh_head = read_config(model_dir, num_labels)
     model = load_model(model_dir, config, dtype=dtype, allow_missing=("head.",) if fresh_head else ())
     return model, load_tokenizer(model_dir), config
