@@ -97,6 +97,8 @@ def merge_prompts(
 ) -> tuple[dict[str, str], str | None]:
     """(prompts, default_prompt_name) as sentence-transformers merges them: the caller's first, then the
     saved ones for names the caller did not give."""
+    if prompts is not None and not isinstance(prompts, dict):
+        raise TypeError(f"prompts must be a dict of name -> prompt text, got {type(prompts).__name__}")
     merged = dict(prompts or {})
     source, saved = st_settings.get("prompts", ("", {}))
     if not isinstance(saved, dict):

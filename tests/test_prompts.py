@@ -71,6 +71,8 @@ def test_unknown_prompt_names_are_errors(bert_dir, models):
         ours.predict(PAIRS, prompt_name="other")
     with pytest.raises(ValueError, match="default_prompt_name 'other' is not one of the prompts"):
         CrossEncoder(bert_dir, prompts=PROMPTS, default_prompt_name="other")
+    with pytest.raises(TypeError, match="prompts must be a dict of name -> prompt text, got list"):
+        CrossEncoder(bert_dir, prompts=["query: "])
     with pytest.raises(TypeError, match="prompt 'search': expected str, got int"):
         CrossEncoder(bert_dir, prompts={"search": 3})
     with pytest.raises(TypeError, match="prompt: expected str, got bytes"):
