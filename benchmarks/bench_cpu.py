@@ -33,7 +33,13 @@ def parse_args():
     parser.add_argument("--curve-n", type=int, nargs="*", default=[10, 100, 1000, 3000])
     parser.add_argument("--budgets", type=int, nargs="*", default=[2048, 4096, 8192, 16384])
     parser.add_argument("--batch-sizes", type=int, nargs="*", default=[8, 32, 128])
-    parser.add_argument("--cpu-async-dispatch", choices=["on", "off"], default="off")
+    parser.add_argument(
+        "--cpu-async-dispatch",
+        choices=["on", "off"],
+        default="on",
+        help="JAX's CPU async dispatch (default on, as JAX and flax_ce leave it: "
+        "benchmarks/bench_async_dispatch.py measured it faster for flax_ce's pipelined loop)",
+    )
     parser.add_argument("--quick", action="store_true", help="n=200, one repeat, short curves")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "cpu"))
     return parser.parse_args()
