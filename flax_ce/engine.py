@@ -98,6 +98,22 @@ def planned_shapes(
     return shapes
 
 
+def pad_rows(
+    ids: Sequence[Sequence[int]], types: Sequence[Sequence[int]] | None, shape: tuple[int, int], pad_id: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(input_ids, attention_mask, token_type_ids), int32 of `shape`, from token lists of at most
+    shape[1] tokens; rows after the lists are all padding."""
+    input_ids = np.full(shape, pad_id, dtype=np.int32)
+    mask = np.zeros(shape, dtype=np.int32)
+    token_types = np.zeros(shape, dtype=np.int32)
+    for row, seq in enumerate(ids):
+        input_ids[row, : len(seq)] = seq
+        mask[row, : len(seq)] = 1
+        if types is not None:
+            token_types[row, : len(seq)] = types[row]
+    return input_ids, mask, token_types
+
+
 # XLA compilations and persistent-cache hits, counted process-wide through jax.monitoring, so an engine
 # can tell a real compile from a program loaded from the persistent cache.
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
@@ -233,16 +249,12 @@ class ScoringEngine:
 
     def _host_arrays(self, ids: list[list[int]], types: list[list[int]] | None, batch: Batch):
         """int32 [rows, length] arrays; rows beyond the inputs are padding (their scores are dropped)."""
-        shape = (batch.rows, batch.length)
-        input_ids = np.full(shape, self.pad_id, dtype=np.int32)
-        mask = np.zeros(shape, dtype=np.int32)
-        token_types = np.zeros(shape, dtype=np.int32)
-        for row, i in enumerate(batch.indices):
-            n = len(ids[i])
-            input_ids[row, :n] = ids[i]
-            mask[row, :n] = 1
-            if types is not None:
-                token_types[row, :n] = types[i]
+        input_ids, mask, token_types = pad_rows(
+            [ids[i] for i in batch.indices],
+            None if types is None else [types[i] for i in batch.indices],
+            (batch.rows, batch.length),
+            self.pad_id,
+        )
         if self.mesh is not None:
             split = NamedSharding(self.mesh, PartitionSpec("batch"))
             return tuple(jax.device_put(a, split) for a in (input_ids, mask, token_types))

@@ -13,10 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from flax_ce.engine import bucket_length
+from flax_ce.engine import bucket_length, make_mesh, pad_rows
 from flax_ce.loading import build_model
 
 if TYPE_CHECKING:
@@ -152,7 +152,7 @@ class Trainer:
             raise ValueError(
                 f"batch_size {batch_size} must be a multiple of the device count ({len(devices)})"
             )
-        mesh = Mesh(np.array(devices), ("batch",)) if len(devices) > 1 else None
+        mesh = make_mesh(devices)
         # Parameters are replicated and batches split over the "batch" axis; one device takes both whole.
         replicated = NamedSharding(mesh, PartitionSpec()) if mesh else devices[0]
         self.batch_placement = NamedSharding(mesh, PartitionSpec("batch")) if mesh else devices[0]
@@ -218,17 +218,8 @@ class Trainer:
         return values
 
     def _pad(self, ids, types, labels, weights) -> Batch:
-        length = bucket_length(max(len(x) for x in ids), self.ce.max_length)
-        shape = (len(ids), length)
-        input_ids = np.full(shape, self.ce.tokenizer.pad_token_id or 0, dtype=np.int32)
-        mask = np.zeros(shape, dtype=np.int32)
-        token_types = np.zeros(shape, dtype=np.int32)
-        for row, seq in enumerate(ids):
-            input_ids[row, : len(seq)] = seq
-            mask[row, : len(seq)] = 1
-            if types is not None:
-                token_types[row, : len(seq)] = types[row]
-        return Batch(input_ids, mask, token_types, labels, weights)
+        shape = (len(ids), bucket_length(max(len(x) for x in ids), self.ce.max_length))
+        return Batch(*pad_rows(ids, types, shape, self.ce.engine.pad_id), labels, weights)
 
     def step(self, batch: Batch) -> jax.Array:
         """Run one jitted step on `batch`; returns its loss (a device scalar)."""
