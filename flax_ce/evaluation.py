@@ -191,30 +191,20 @@ class RerankingEvaluator:
         if ("negative" in sample) == ("documents" in sample):
             raise ValueError("each re-ranking sample needs exactly one of 'negative' and 'documents'")
         positive = [sample["positive"]] if isinstance(sample["positive"], str) else list(sample["positive"])
-        documents = sample.get("documents")
-        if not documents:
-            documents = positive + list(sample.get("negative") or [])
-            return (
-                sample["query"],
-                documents,
-                [1] * len(positive) + [0] * (len(documents) - len(positive)),
-                None,
-            )
-        base_relevant = [int(doc in positive) for doc in documents]
-        base = (0, 0, 0)
-        if sum(base_relevant):
-            # Positives missing from the list count as ranked after it.
-            base_relevant += [1] * (len(positive) - sum(base_relevant))
-            base = self.metrics(base_relevant, np.arange(len(base_relevant), 0, -1))
-        if self.always_rerank_positives:
-            documents = positive + [doc for doc in documents if doc not in positive]
-            return (
-                sample["query"],
-                documents,
-                [1] * len(positive) + [0] * (len(documents) - len(positive)),
-                base,
-            )
-        return sample["query"], list(documents), [int(doc in positive) for doc in documents], base
+        documents, base = sample.get("documents"), None
+        if documents:
+            base_relevant = [int(doc in positive) for doc in documents]
+            base = (0, 0, 0)
+            if sum(base_relevant):
+                # Positives missing from the list count as ranked after it.
+                base_relevant += [1] * (len(positive) - sum(base_relevant))
+                base = self.metrics(base_relevant, np.arange(len(base_relevant), 0, -1))
+            if not self.always_rerank_positives:
+                return sample["query"], list(documents), [int(doc in positive) for doc in documents], base
+            negatives = [doc for doc in documents if doc not in positive]
+        else:
+            negatives = list(sample.get("negative") or [])
+        return sample["query"], positive + negatives, [1] * len(positive) + [0] * len(negatives), base
 
     def metrics(self, is_relevant: Sequence[int], scores: np.ndarray) -> tuple[float, float, float]:
         """(MRR@k, NDCG@k, AP) of one ranked list."""
@@ -252,7 +242,32 @@ class RerankingEvaluator:
         return _prefixed(metrics, self.name)
 
 
-class ClassificationEvaluator:
+class _PairsEvaluator:
+    """Scores fixed sentence pairs with `model.predict`; subclasses turn the scores into metrics."""
+
+    def __init__(
+        self,
+        sentence_pairs: Sequence[tuple[str, str]],
+        targets: Sequence,
+        targets_name: str,
+        name: str,
+        batch_size: int,
+        show_progress_bar: bool,
+    ):
+        if len(sentence_pairs) != len(targets):
+            raise ValueError(f"sentence_pairs and {targets_name} must have the same length")
+        self.sentence_pairs = [tuple(p) for p in sentence_pairs]
+        self.name = name
+        self.batch_size = batch_size
+        self.show_progress_bar = show_progress_bar
+
+    def predict(self, model) -> np.ndarray:
+        return model.predict(
+            self.sentence_pairs, batch_size=self.batch_size, show_progress_bar=self.show_progress_bar
+        )
+
+
+class ClassificationEvaluator(_PairsEvaluator):
     """One label: best accuracy / F1 over thresholds and average precision; several: F1 and accuracy."""
 
     def __init__(
@@ -263,13 +278,8 @@ class ClassificationEvaluator:
         batch_size: int = 32,
         show_progress_bar: bool = False,
     ):
-        if len(sentence_pairs) != len(labels):
-            raise ValueError("sentence_pairs and labels must have the same length")
-        self.sentence_pairs = [tuple(p) for p in sentence_pairs]
+        super().__init__(sentence_pairs, labels, "labels", name, batch_size, show_progress_bar)
         self.labels = np.asarray(labels)
-        self.name = name
-        self.batch_size = batch_size
-        self.show_progress_bar = show_progress_bar
         self.primary_metric = None
 
     def metrics_from_scores(self, scores: np.ndarray) -> dict[str, float]:
@@ -297,13 +307,10 @@ class ClassificationEvaluator:
 
     def __call__(self, model) -> dict[str, float]:
         """Predict the pairs with `model` and compute the metrics."""
-        scores = model.predict(
-            self.sentence_pairs, batch_size=self.batch_size, show_progress_bar=self.show_progress_bar
-        )
-        return self.metrics_from_scores(scores)
+        return self.metrics_from_scores(self.predict(model))
 
 
-class CorrelationEvaluator:
+class CorrelationEvaluator(_PairsEvaluator):
     """Pearson and Spearman correlation between predicted scores and gold scores (e.g. STSb)."""
 
     def __init__(
@@ -314,20 +321,13 @@ class CorrelationEvaluator:
         batch_size: int = 32,
         show_progress_bar: bool = False,
     ):
-        if len(sentence_pairs) != len(scores):
-            raise ValueError("sentence_pairs and scores must have the same length")
-        self.sentence_pairs = [tuple(p) for p in sentence_pairs]
+        super().__init__(sentence_pairs, scores, "scores", name, batch_size, show_progress_bar)
         self.scores = np.asarray(scores, dtype=np.float64)
-        self.name = name
-        self.batch_size = batch_size
-        self.show_progress_bar = show_progress_bar
         self.primary_metric = _key("spearman", name)
 
     def __call__(self, model) -> dict[str, float]:
         """Predict the pairs with `model` and correlate with the gold scores."""
-        predicted = model.predict(
-            self.sentence_pairs, batch_size=self.batch_size, show_progress_bar=self.show_progress_bar
-        )
+        predicted = self.predict(model)
         return _prefixed(
             {"pearson": pearson(self.scores, predicted), "spearman": spearman(self.scores, predicted)},
             self.name,
