@@ -158,10 +158,9 @@ def hub_reranker():
     os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "3")
     os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "3")
     from flax_ce import CrossEncoder
-    from flax_ce.hub import resolve_model_dir
 
     try:
-        return CrossEncoder(resolve_model_dir(HUB_MODEL)), None
+        return CrossEncoder(HUB_MODEL), None
     except OSError as e:
         return None, textwrap.shorten(str(e), 160)
 
