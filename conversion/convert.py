@@ -1,4 +1,5 @@
-"""Strict conversion of a torch state dict into a flax_ce module: every key used, every parameter filled."""
+"""Strict conversion both ways: a torch state dict into a flax_ce module (every key used, every parameter
+filled, every shape checked) and a module's parameters back into a transformers state dict."""
 
 from __future__ import annotations
 
@@ -9,12 +10,7 @@ import numpy as np
 from flax import nnx
 
 from .errors import CheckpointError
-from .tables import LAYOUTS, TABLES, KeyTable, normalise_key
-
-
-def table_for(model_type: str) -> KeyTable:
-    """The key table of a config's `model_type`."""
-    return TABLES[model_type]
+from .rules import LAYOUTS, KeyTable, normalise_key
 
 
 def _format(path: tuple) -> str:
@@ -37,7 +33,7 @@ def map_state_dict(
     sources: dict[tuple, str] = {}
     for key, array in tensors.items():
         name = normalise_key(key)
-        mapped = table.map_key(name)
+        mapped = table.to_flax(name)
         if mapped is None:
             if not table.ignored(name):
                 problems.append(
@@ -92,23 +88,32 @@ def build_module(
 
     Parameters named in `allow_missing` keep a fresh random initialisation from `seed`.
     """
-    abstract = nnx.eval_shape(lambda: constructor(nnx.Rngs(seed)))
-    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
-    if jax.tree.leaves(rest):
-        raise TypeError("flax_ce modules must hold only parameters; found other state")
+    abstract = nnx.eval_shape(lambda: constructor(nnx.Rngs(seed, dropout=seed)))
+    graphdef, params, _ = nnx.split(abstract, nnx.Param, ...)
     expected = {path: var.value for path, var in nnx.to_flat_state(params)}
     filled = map_state_dict(tensors, table, expected, source, allow_missing)
     need_init = [p for p in expected if p not in filled]
-    if need_init:
-        # A fresh head (allowed missing): initialise for real; jit drops the initialisation of
-        # everything that is not returned, so this costs only the missing parameters.
-        @jax.jit
-        def init_missing():
-            flat = dict(nnx.to_flat_state(nnx.state(constructor(nnx.Rngs(seed)), nnx.Param)))
-            return {p: flat[p].value for p in need_init}
 
-        filled = {**init_missing(), **filled}
+    # What the checkpoint does not hold gets real values: a fresh head (allowed missing) and the dropout
+    # layers' RNG streams. jit drops the initialisation of everything not returned, so this costs only those.
+    @jax.jit
+    def initialise_rest():
+        model = constructor(nnx.Rngs(seed, dropout=seed))
+        flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+        return {p: flat[p].value for p in need_init}, nnx.state(model, nnx.Not(nnx.Param))
+
+    fresh, rest = initialise_rest()
+    filled = {**fresh, **filled}
     flat_params = nnx.to_flat_state(params)
     for path, var in flat_params:
         var.value = jax.numpy.asarray(filled[path])
     return nnx.merge(graphdef, nnx.from_flat_state(flat_params), rest)
+
+
+def torch_state_dict(params: Mapping[tuple, np.ndarray], table: KeyTable) -> dict[str, np.ndarray]:
+    """{flax path: array} -> transformers `*ForSequenceClassification` state dict (fp32, torch layouts)."""
+    tensors: dict[str, np.ndarray] = {}
+    for path, array in params.items():
+        key, layout = table.to_torch(path)
+        tensors[key] = np.ascontiguousarray(LAYOUTS[layout](np.asarray(array, dtype=np.float32)))
+    return tensors

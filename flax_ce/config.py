@@ -132,15 +132,3 @@ def load_config_json(model_dir: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a JSON object, got {type(raw).__name__}")
     return raw
-
-
-def config_from_dict(raw: Mapping[str, Any], source: str = "config.json"):
-    """Build the family's frozen config from a raw HF config dict (dispatch on `model_type`)."""
-    from flax_ce.models import FAMILIES
-
-    model_type = raw.get("model_type")
-    if model_type not in FAMILIES:
-        raise ConfigError(
-            f"{source}: model_type {model_type!r} is not supported (supported: {', '.join(sorted(FAMILIES))})"
-        )
-    return FAMILIES[model_type].config_from_dict(raw, source)

@@ -118,15 +118,6 @@ def merge_prompts(
     return merged, default_prompt_name
 
 
-def position_limit(config) -> int | None:
-    """The longest sequence the model's position embeddings can index, or None if unlimited."""
-    if config.model_type == "roberta":
-        return config.max_position_embeddings - config.pad_token_id - 1
-    if getattr(config, "position_biased_input", True):
-        return config.max_position_embeddings
-    return None
-
-
 class CrossEncoder:
     """Scores text pairs with a BERT/RoBERTa/ELECTRA/DeBERTa cross-encoder, like sentence_transformers.CrossEncoder."""
 
@@ -178,7 +169,6 @@ class CrossEncoder:
         check_positive("token_budget", token_budget)
         self.token_budget = token_budget
         self.engine = ScoringEngine(
-            self.model,
             pad_id=self.tokenizer.pad_token_id or 0,
             max_length=self.max_length,
             mesh=mesh if mesh is not None else make_mesh(devices),
@@ -190,7 +180,7 @@ class CrossEncoder:
         return self.config.num_labels
 
     def _resolve_max_length(self, max_length: int | None) -> int:
-        limit = position_limit(self.config)
+        limit = self.config.position_limit
         if max_length is None:
             # sentence-transformers caps the tokenizer's limit at max_position_embeddings.
             max_length = min(self.tokenizer.model_max_length, self.config.max_position_embeddings)
@@ -234,23 +224,25 @@ class CrossEncoder:
         self._check_token_ranges(ids, types)
         if show_progress_bar is None:
             show_progress_bar = logger.getEffectiveLevel() in (logging.INFO, logging.DEBUG)
-        return self.engine.run(
+        self.model.eval()  # scoring never drops out, as sentence-transformers' predict
+        logits = self.engine.run(
+            self.model,
             ids,
             types,
-            activation_fn,
             self.num_labels,
             batch_size=batch_size,
             token_budget=self.token_budget,
             progress=lambda plan: tqdm(plan, desc="Batches", disable=not show_progress_bar),
         )
+        # Outside the compiled programs, so any activation (a fresh lambda too) reuses them.
+        return np.asarray(activation_fn(jnp.asarray(logits)), dtype=np.float32)
 
-    def warmup(self, batch_size: int | None = None, activation_fn: Callable | str | None = None) -> int:
+    def warmup(self, batch_size: int | None = None) -> int:
         """Compile every shape predict() can use with this batch_size (None: the token budget); returns
         how many were compiled now. With the persistent cache enabled, later processes load them."""
-        if isinstance(activation_fn, str):
-            activation_fn = activation_from_name(activation_fn)
         before = self.engine.compile_count
-        self.engine.warmup(activation_fn or self.activation_fn, self.planned_shapes(batch_size))
+        self.model.eval()
+        self.engine.warmup(self.model, self.planned_shapes(batch_size))
         return self.engine.compile_count - before
 
     def planned_shapes(self, batch_size: int | None = None) -> set[tuple[int, int]]:

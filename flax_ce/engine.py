@@ -6,7 +6,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
 
 import jax
@@ -22,6 +22,8 @@ LENGTH_BUCKET = 32
 BATCH_MENU = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 DEFAULT_TOKEN_BUDGET = 4096  # best of 2048-16384 on the 2-core CPU benchmark (benchmarks/results/cpu.md)
 PIPELINE_DEPTH = 2  # batches in flight before the host waits for the oldest result
+# Compiled programs kept per engine: more than any one plan's shape set (about 100 with the defaults).
+MAX_PROGRAMS = 256
 
 
 def bucket_length(longest: int, max_length: int) -> int:
@@ -154,98 +156,119 @@ def cast_params(state, dtype) -> nnx.State:
 
 
 def make_scorer(model: nnx.Module, activation_fn: Callable | None = None, mesh: Mesh | None = None):
-    """(jitted fn(params, input_ids, attention_mask, token_type_ids) -> fp32 scores, params placed for it).
-
-    With a mesh, inputs are split over its "batch" axis and the parameters are replicated.
-    """
-    graphdef, params = nnx.split(model)
+    """(jitted fn(state, input_ids, attention_mask, token_type_ids) -> fp32 scores, the model's state placed
+    for it). With a mesh, inputs are split over its "batch" axis and the state is replicated."""
+    graphdef, state = nnx.split(model)
     activation_fn = activation_fn or (lambda x: x)
 
-    def forward(params, input_ids, attention_mask, token_type_ids):
-        logits = nnx.merge(graphdef, params)(input_ids, attention_mask, token_type_ids)
+    def forward(state, input_ids, attention_mask, token_type_ids):
+        logits = nnx.merge(graphdef, state)(input_ids, attention_mask, token_type_ids)
         return activation_fn(logits).astype(jnp.float32)
 
     if mesh is None:
-        return jax.jit(forward), params
+        return jax.jit(forward), state
     replicated, split = NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("batch"))
     fn = jax.jit(forward, in_shardings=(replicated, split, split, split), out_shardings=split)
-    return fn, jax.device_put(params, replicated)
+    return fn, jax.device_put(state, replicated)
 
 
 class ScoringEngine:
-    """Scores tokenized inputs with one model: plans shapes, compiles each once (AOT), pipelines batches."""
+    """Scores tokenized inputs with a model: plans shapes, compiles each once (AOT), pipelines batches.
+
+    The model is passed to every call and is the only owner of the weights: the engine keeps compiled
+    programs (bounded, least recently used dropped first) for the model's structure, and the weights as
+    those programs take them, re-derived whenever the model's arrays are not the ones it saw last.
+    """
 
     def __init__(
-        self, model: nnx.Module, *, pad_id: int, max_length: int, mesh: Mesh | None = None, dtype=jnp.float32
+        self,
+        *,
+        pad_id: int,
+        max_length: int,
+        mesh: Mesh | None = None,
+        dtype=jnp.float32,
+        max_programs: int = MAX_PROGRAMS,
     ):
         self.pad_id = pad_id
         self.max_length = max_length
         self.mesh = mesh
         self.dtype = dtype
+        self.max_programs = max_programs
         self.multiple = mesh.size if mesh is not None else 1
         self.compile_count = 0  # programs built by this engine (compiled, or loaded from the cache)
         self.compile_seconds = 0.0
         self.xla_compiles = 0  # of those, real XLA compilations (not persistent-cache hits)
-        self.set_model(model)
+        self._programs: OrderedDict[tuple[int, int], Callable] = OrderedDict()
+        self._signature = None
+        self._forward: Callable | None = None
+        self._placed: tuple[list, nnx.State] | None = None
 
-    def set_model(self, model: nnx.Module) -> None:
-        """Score with `model`'s weights from now on (e.g. after a training step or evaluation).
+    def weights(self, model: nnx.Module) -> nnx.State:
+        """`model`'s state as the compiled programs take it: in the engine's dtype, replicated over its mesh.
 
-        Compiled programs take the weights as an argument, so they are kept when the new model has the
-        same structure, shapes and dtypes; otherwise they are rebuilt on demand.
+        A model of another structure, shape or dtype drops the compiled programs; arrays that are not the
+        ones seen last are placed again (for fp32 on one device that is no copy at all).
         """
         graphdef, state = nnx.split(model)
         leaves, treedef = jax.tree.flatten(state)
         signature = (graphdef, treedef, [(x.shape, x.dtype) for x in leaves])
-        if signature != getattr(self, "_signature", None):
-            self._scorers: dict[Callable, tuple[Callable, nnx.State]] = {}
-            self._compiled: dict[tuple[Callable, int, int], Callable] = {}
-        else:
-            self._scorers = {key: (fn, self._place(state)) for key, (fn, _) in self._scorers.items()}
-        self.model, self._signature = model, signature
+        if signature != self._signature:
+            self._programs.clear()
+            self._forward = self._make_forward(graphdef)
+            self._signature, self._placed = signature, None
+        if self._placed is None or any(a is not b for a, b in zip(self._placed[0], leaves, strict=True)):
+            self._placed = (leaves, self._place(state))
+        return self._placed[1]
 
-    def _place(self, params: nnx.State) -> nnx.State:
-        """The weights as the compiled programs take them: in the engine's dtype, replicated over its mesh."""
-        params = cast_params(params, self.dtype)
-        return jax.device_put(params, NamedSharding(self.mesh, PartitionSpec())) if self.mesh else params
+    def _place(self, state: nnx.State) -> nnx.State:
+        state = cast_params(state, self.dtype)
+        return jax.device_put(state, NamedSharding(self.mesh, PartitionSpec())) if self.mesh else state
 
-    def _scorer(self, activation_fn: Callable):
-        if activation_fn not in self._scorers:
-            fn, params = make_scorer(self.model, activation_fn, self.mesh)
-            self._scorers[activation_fn] = (fn, self._place(params))
-        return self._scorers[activation_fn]
+    def _make_forward(self, graphdef) -> Callable:
+        def forward(state, input_ids, attention_mask, token_type_ids):
+            return nnx.merge(graphdef, state)(input_ids, attention_mask, token_type_ids).astype(jnp.float32)
 
-    def compiled(self, activation_fn: Callable, rows: int, length: int) -> Callable:
+        if self.mesh is None:
+            return jax.jit(forward)
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        split = NamedSharding(self.mesh, PartitionSpec("batch"))
+        return jax.jit(forward, in_shardings=(replicated, split, split, split), out_shardings=split)
+
+    def compiled(self, state: nnx.State, rows: int, length: int) -> Callable:
         """The compiled program for one [rows, length] shape, compiling (and timing) it the first time."""
-        key = (activation_fn, rows, length)
-        if key not in self._compiled:
-            fn, params = self._scorer(activation_fn)
-            spec = jax.ShapeDtypeStruct((rows, length), jnp.int32)
-            before = dict(_events)
-            start = time.perf_counter()
-            executable = fn.lower(params, spec, spec, spec).compile()
-            elapsed = time.perf_counter() - start
-            # A persistent-cache hit is also reported as a backend compile (it wraps the retrieval).
-            xla_compiles = (_events[BACKEND_COMPILE_EVENT] - before[BACKEND_COMPILE_EVENT]) - (
-                _events[CACHE_HIT_EVENT] - before[CACHE_HIT_EVENT]
-            )
-            self.compile_count += 1
-            self.compile_seconds += elapsed
-            self.xla_compiles += xla_compiles
-            logger.debug(
-                "scoring shape [%d, %d]: %s in %.2fs",
-                rows,
-                length,
-                "compiled" if xla_compiles else "loaded from the compilation cache",
-                elapsed,
-            )
-            self._compiled[key] = executable
-        return self._compiled[key]
+        key = (rows, length)
+        if key in self._programs:
+            self._programs.move_to_end(key)
+            return self._programs[key]
+        spec = jax.ShapeDtypeStruct((rows, length), jnp.int32)
+        before = dict(_events)
+        start = time.perf_counter()
+        executable = self._forward.lower(state, spec, spec, spec).compile()
+        elapsed = time.perf_counter() - start
+        # A persistent-cache hit is also reported as a backend compile (it wraps the retrieval).
+        xla_compiles = (_events[BACKEND_COMPILE_EVENT] - before[BACKEND_COMPILE_EVENT]) - (
+            _events[CACHE_HIT_EVENT] - before[CACHE_HIT_EVENT]
+        )
+        self.compile_count += 1
+        self.compile_seconds += elapsed
+        self.xla_compiles += xla_compiles
+        logger.debug(
+            "scoring shape [%d, %d]: %s in %.2fs",
+            rows,
+            length,
+            "compiled" if xla_compiles else "loaded from the compilation cache",
+            elapsed,
+        )
+        self._programs[key] = executable
+        if len(self._programs) > self.max_programs:
+            self._programs.popitem(last=False)
+        return executable
 
-    def warmup(self, activation_fn: Callable, shapes: Iterable[tuple[int, int]]) -> None:
+    def warmup(self, model: nnx.Module, shapes: Iterable[tuple[int, int]]) -> None:
         """Compile the given [rows, length] shapes ahead of time."""
+        state = self.weights(model)
         for rows, length in sorted(shapes):
-            self.compiled(activation_fn, rows, length)
+            self.compiled(state, rows, length)
 
     def _host_arrays(self, ids: list[list[int]], types: list[list[int]] | None, batch: Batch):
         """int32 [rows, length] arrays; rows beyond the inputs are padding (their scores are dropped)."""
@@ -262,16 +285,16 @@ class ScoringEngine:
 
     def run(
         self,
+        model: nnx.Module,
         ids: list[list[int]],
         types: list[list[int]] | None,
-        activation_fn: Callable,
         num_outputs: int,
         *,
         batch_size: int | None = None,
         token_budget: int = DEFAULT_TOKEN_BUDGET,
         progress: Callable[[Iterable], Iterable] = lambda x: x,
     ) -> np.ndarray:
-        """activation(logits) [N, num_outputs] for token id lists, in their original order."""
+        """fp32 logits [N, num_outputs] of `model` for token id lists, in their original order."""
         out = np.zeros((len(ids), num_outputs), dtype=np.float32)
         plan = plan_batches(
             [len(x) for x in ids],
@@ -280,12 +303,12 @@ class ScoringEngine:
             token_budget=token_budget,
             multiple=self.multiple,
         )
-        _, params = self._scorer(activation_fn)
+        state = self.weights(model)
         pending: deque = deque()
         for batch in progress(plan):
-            executable = self.compiled(activation_fn, batch.rows, batch.length)
+            executable = self.compiled(state, batch.rows, batch.length)
             # Dispatch is asynchronous: building the next host batch overlaps this one's compute.
-            pending.append((batch, executable(params, *self._host_arrays(ids, types, batch))))
+            pending.append((batch, executable(state, *self._host_arrays(ids, types, batch))))
             if len(pending) > PIPELINE_DEPTH:
                 done, scores = pending.popleft()
                 out[done.indices] = np.asarray(scores)[: len(done.indices)]

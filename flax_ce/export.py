@@ -11,15 +11,9 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from flax_ce.activations import torch_name
-from flax_ce.conversion.export import torch_state_dict
+from flax_ce.conversion.convert import torch_state_dict
+from flax_ce.models import family_of
 
-ARCHITECTURES = {
-    "bert": "BertForSequenceClassification",
-    "roberta": "RobertaForSequenceClassification",
-    "electra": "ElectraForSequenceClassification",
-    "deberta": "DebertaForSequenceClassification",
-    "deberta-v2": "DebertaV2ForSequenceClassification",
-}
 # Written fresh below, or stale once the weights are ours (fp32) and the activation is recorded.
 REPLACED_KEYS = ("architectures", "id2label", "label2id", "num_labels", "torch_dtype", "dtype")
 STALE_KEYS = ("sbert_ce_default_activation_function", "_name_or_path")
@@ -51,7 +45,7 @@ def export_config(ce) -> dict:
     st_section = config.get("sentence_transformers")
     st_section = st_section if isinstance(st_section, dict) else {}
     config.update(
-        architectures=[ARCHITECTURES[ce.config.model_type]],
+        architectures=[family_of(ce.config).architecture],
         num_labels=len(labels),
         id2label={str(i): label for i, label in enumerate(labels)},
         label2id={label: i for i, label in enumerate(labels)},
@@ -112,7 +106,7 @@ def save_pretrained(ce, path: str | os.PathLike) -> None:
     params = {
         tuple(p): np.asarray(var.get_value()) for p, var in nnx.to_flat_state(nnx.state(ce.model, nnx.Param))
     }
-    tensors = torch_state_dict(params, ce.config.model_type)
+    tensors = torch_state_dict(params, family_of(ce.config).key_table)
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     remove_stale_files(path)

@@ -7,16 +7,11 @@ import os
 import jax.numpy as jnp
 from flax import nnx
 
-from flax_ce.config import config_from_dict, load_config_json
-from flax_ce.conversion.convert import build_module, table_for
+from flax_ce.config import load_config_json
+from flax_ce.conversion.convert import build_module
 from flax_ce.conversion.files import find_weights, read_weights
 from flax_ce.hub import resolve_model_dir
-from flax_ce.models import FAMILIES
-
-
-def build_model(config, *, rngs: nnx.Rngs, dtype=jnp.float32) -> nnx.Module:
-    """A randomly initialised module for a validated config (any family)."""
-    return FAMILIES[config.model_type].module(config, rngs=rngs, dtype=dtype)
+from flax_ce.models import build_model, config_from_dict, family_of
 
 
 def load_model(model_dir: str | os.PathLike, config, dtype=jnp.float32, allow_missing: tuple[str, ...] = ()):
@@ -26,7 +21,7 @@ def load_model(model_dir: str | os.PathLike, config, dtype=jnp.float32, allow_mi
     return build_module(
         lambda rngs: build_model(config, rngs=rngs, dtype=dtype),
         tensors,
-        table_for(config.model_type),
+        family_of(config).key_table,
         weights_path,
         allow_missing=allow_missing,
     )

@@ -101,28 +101,24 @@ def make_optimizer(
     return optax.MultiSteps(optimizer, accumulation_steps) if accumulation_steps > 1 else optimizer
 
 
-def enable_dropout(model: nnx.Module, key: jax.Array) -> None:
-    """Turn on every dropout layer of a (freshly merged) model, all drawing from one stream seeded by `key`."""
-    stream = nnx.Rngs(dropout=key).dropout
-    for _, module in nnx.iter_modules(model):
-        if isinstance(module, nnx.Dropout) and module.rate > 0:
-            module.deterministic = False
-            module.rngs = stream
+def train_step(graphdef, optimizer, loss: str, params, rngs, opt_state, batch):
+    """One optimiser (or accumulation) step: (params, rngs, opt_state, loss). Pure, for jax.jit.
 
+    `graphdef` is the model in training mode (dropout on); `rngs` holds its dropout streams, which the
+    step advances and returns.
+    """
 
-def train_step(graphdef, optimizer, loss: str, params, opt_state, batch, key, step):
-    """One optimiser (or accumulation) step: (params, opt_state, loss). Pure, for jax.jit."""
+    model = nnx.merge(graphdef, params, rngs)
 
-    def loss_fn(params):
-        model = nnx.merge(graphdef, params)
-        enable_dropout(model, jax.random.fold_in(key, step))
+    def loss_fn(model):
         logits = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
         losses = example_losses(loss, logits, batch["labels"])
         return jnp.sum(losses * batch["weights"]) / jnp.sum(batch["weights"])
 
-    value, grads = jax.value_and_grad(loss_fn)(params)
+    value, grads = nnx.value_and_grad(loss_fn)(model)  # gradients of the parameters only
+    rngs = nnx.state(model, nnx.RngState)
     updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, value
+    return optax.apply_updates(params, updates), rngs, opt_state, value
 
 
 class Trainer:
@@ -156,20 +152,26 @@ class Trainer:
         # Parameters are replicated and batches split over the "batch" axis; one device takes both whole.
         replicated = NamedSharding(mesh, PartitionSpec()) if mesh else devices[0]
         self.batch_placement = NamedSharding(mesh, PartitionSpec("batch")) if mesh else devices[0]
+
         # bf16 compute keeps fp32 master weights: the layers hold fp32 parameters and cast per matmul.
-        graphdef = nnx.split(
-            nnx.eval_shape(lambda: build_model(ce.config, rngs=nnx.Rngs(0), dtype=compute_dtype))
-        )[0]
+        def build():
+            return build_model(ce.config, rngs=nnx.Rngs(seed, dropout=seed), dtype=compute_dtype)
+
+        template = nnx.eval_shape(build)
+        template.train()
+        graphdef = nnx.split(template)[0]
+        # Dropout streams seeded by `seed`; jit drops the parameter initialisation nobody returns.
+        rngs = jax.jit(lambda: nnx.state(build(), nnx.RngState))()
         self.optimizer = make_optimizer(total_steps, **optimizer_settings)
         # A copy: the step donates its input buffers, and ce.model must stay usable until install().
         params = jax.tree.map(jnp.copy, nnx.state(ce.model, nnx.Param))
-        self.params, self.opt_state, self.key = jax.device_put(
-            (params, self.optimizer.init(params), jax.random.key(seed)), replicated
+        self.params, self.rngs, self.opt_state = jax.device_put(
+            (params, rngs, self.optimizer.init(params)), replicated
         )
         self.micro_steps = 0
         self._step = jax.jit(
             functools.partial(train_step, graphdef, self.optimizer, self.loss),
-            donate_argnums=(0, 1),
+            donate_argnums=(0, 1, 2),
             **({"out_shardings": replicated} if mesh else {}),
         )
 
@@ -224,8 +226,8 @@ class Trainer:
     def step(self, batch: Batch) -> jax.Array:
         """Run one jitted step on `batch`; returns its loss (a device scalar)."""
         arrays = jax.device_put(dataclasses.asdict(batch), self.batch_placement)
-        self.params, self.opt_state, loss = self._step(
-            self.params, self.opt_state, arrays, self.key, np.int32(self.micro_steps)
+        self.params, self.rngs, self.opt_state, loss = self._step(
+            self.params, self.rngs, self.opt_state, arrays
         )
         self.micro_steps += 1
         return loss
@@ -234,7 +236,6 @@ class Trainer:
         """Put the current weights into the CrossEncoder, so predict()/rank()/save_pretrained() use them."""
         # One copy on the default device, whatever the training mesh was; scoring places it as it needs.
         nnx.update(self.ce.model, jax.device_put(jax.device_get(self.params)))
-        self.ce.engine.set_model(self.ce.model)
 
 
 def fit(

@@ -15,9 +15,9 @@ from conftest import TOLERANCE
 from flax import nnx
 from flax_ce.conversion.convert import build_module
 from flax_ce.conversion.errors import CheckpointError
-from flax_ce.conversion.tables import TABLES
 
-from flax_ce.config import ConfigError, config_from_dict
+from flax_ce.config import ConfigError
+from flax_ce.models import FAMILIES, config_from_dict, family_of
 from flax_ce.models.deberta import DebertaCrossEncoder, log_bucket_positions
 
 LABELS = {0: "contradiction", 1: "entailment", 2: "neutral"}
@@ -125,7 +125,7 @@ def convert(model: torch.nn.Module, tensors: dict[str, np.ndarray] | None = None
     return build_module(
         lambda rngs: DebertaCrossEncoder(config, rngs=rngs),
         state_dict(model) if tensors is None else tensors,
-        TABLES[config.model_type],
+        family_of(config).key_table,
         "test checkpoint",
     )
 
@@ -340,10 +340,10 @@ def test_published_configs_build_and_match_torch_parameters(name):
     # transformers builds no parameter it does not use (position_biased_input=false means no absolute
     # position table), so the counts must agree exactly.
     assert sum(math.prod(s) for s in expected.values()) == sum(p.numel() for p in model.parameters())
-    table = TABLES[raw["model_type"]]
+    table = FAMILIES[raw["model_type"]].key_table
     filled = {}
     for key, tensor in model.state_dict().items():
-        mapped = table.map_key(key)
+        mapped = table.to_flax(key)
         assert mapped is not None, key
         path, layout = mapped
         assert path not in filled, (key, filled.get(path))

@@ -45,29 +45,83 @@ def test_scores_do_not_depend_on_batching(bert_dir):
         assert np.abs(CrossEncoder(bert_dir).predict(PAIRS, batch_size=batch_size) - reference).max() <= 1e-5
 
 
-def test_new_weights_reuse_compiled_programs(bert_dir):
+def test_new_weights_are_scored_and_reuse_compiled_programs(bert_dir):
     ce = CrossEncoder(bert_dir)
     before = ce.predict(PAIRS)
     compiled = ce.engine.compile_count
     params = nnx.state(ce.model, nnx.Param)
     nnx.update(ce.model, jax.tree.map(lambda x: x * 1.05, params))  # what training does, in place
-    ce.engine.set_model(ce.model)
     with count_compiles() as compiles:
-        after = ce.predict(PAIRS)
+        after = ce.predict(PAIRS)  # no refresh call: ce.model is the only owner of the weights
     assert compiles[0] == 0 and ce.engine.compile_count == compiled
     assert np.abs(after - before).max() > 1e-2  # the new weights are the ones scored
     fresh = CrossEncoder(bert_dir)
     nnx.update(fresh.model, nnx.state(ce.model, nnx.Param))
-    fresh.engine.set_model(fresh.model)
     assert np.abs(fresh.predict(PAIRS) - after).max() <= 1e-6
+
+    # Assigning one parameter is seen too.
+    ce.model.head.out_proj.bias.set_value(ce.model.head.out_proj.bias.get_value() + 1.0)
+    assert np.abs(ce.predict(PAIRS) - after).max() > 1e-3
 
     # Other shapes or dtypes are another program: compiled again, not fed to the old one.
     head = ce.model.head.out_proj.kernel
     head.set_value(head.get_value().astype(jnp.bfloat16))
-    ce.engine.set_model(ce.model)
     with count_compiles() as compiles:
         ce.predict(PAIRS)
     assert compiles[0] >= 1 and ce.engine.compile_count > compiled
+
+
+def test_fresh_activation_callables_compile_nothing(bert_dir):
+    ce = CrossEncoder(bert_dir)
+    logits = ce.predict(PAIRS, activation_fn=lambda x: x)
+    ce.predict(PAIRS, activation_fn=lambda x: x + 0.0)  # the first use of `+` on this shape compiles it
+    compiled = ce.engine.compile_count
+    with count_compiles() as compiles:
+        for shift in (1.0, 2.0, 3.0):
+            scores = ce.predict(PAIRS, activation_fn=lambda x, s=shift: x + s)
+            np.testing.assert_allclose(scores, logits + shift, rtol=0, atol=1e-5)
+    assert compiles[0] == 0 and ce.engine.compile_count == compiled
+
+
+def test_compiled_programs_are_bounded(bert_dir):
+    ce = CrossEncoder(bert_dir)
+    ce.engine.max_programs = 3
+    for batch_size in (1, 2, 3, 5, 7):
+        ce.predict(PAIRS[:9], batch_size=batch_size)
+    assert len(ce.engine._programs) == 3
+
+
+WEIGHTS_ON_A_MESH = """
+import json, sys
+import jax, numpy as np, torch
+from flax import nnx
+from sentence_transformers import CrossEncoder as STCrossEncoder
+from flax_ce import CrossEncoder
+jax.config.update("jax_default_matmul_precision", "float32")
+pairs = json.loads(sys.argv[2])
+ce = CrossEncoder(sys.argv[1], devices=jax.devices()[:2])
+first = ce.predict(pairs)
+nnx.update(ce.model, jax.tree.map(lambda x: x * 0.9, nnx.state(ce.model, nnx.Param)))
+st = STCrossEncoder(sys.argv[1], device="cpu")
+with torch.no_grad():
+    for p in st.model.parameters():
+        p.mul_(0.9)
+print(json.dumps({"multiple": ce.engine.multiple, "ours": ce.predict(pairs).tolist(),
+                  "before": first.tolist(), "reference": st.predict(pairs).tolist()}))
+"""
+
+
+def test_changed_weights_are_scored_on_a_mesh(bert_dir):
+    out = _run(
+        WEIGHTS_ON_A_MESH,
+        bert_dir,
+        json.dumps(PAIRS),
+        env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+    )
+    ours, reference = np.array(out["ours"]), np.array(out["reference"])
+    assert out["multiple"] == 2
+    assert np.abs(ours - np.array(out["before"])).max() > 1e-2
+    assert np.abs(ours - reference).max() <= 2e-5
 
 
 SHARDED = """

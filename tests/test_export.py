@@ -14,13 +14,12 @@ import transformers
 from checkpoints import init_large_std, sample_pairs, set_config
 from conftest import TOLERANCE
 from flax import nnx
-from flax_ce.conversion.export import torch_state_dict
+from flax_ce.conversion.convert import torch_state_dict
 from test_deberta import CASES, REFERENCE_CLASSES, TINY
 
 from flax_ce import CrossEncoder
 from flax_ce.activations import SCORE_ACTIVATIONS
-from flax_ce.config import config_from_dict
-from flax_ce.loading import build_model
+from flax_ce.models import build_model, config_from_dict, family_of
 
 MAX_LENGTH = 64
 DEBERTA = {"deberta-v1": "v1", "deberta-v3": "v3", "deberta-v2-conv": "v2-separate-keys-conv-proj"}
@@ -65,11 +64,12 @@ def perturb(ce: CrossEncoder, seed: int = 0) -> None:
     params = nnx.state(ce.model, nnx.Param)
     noisy = jax.tree.map(lambda x: x + 0.01 * rng.standard_normal(x.shape).astype(np.float32), params)
     nnx.update(ce.model, noisy)
-    ce.engine.set_model(ce.model)
 
 
 def flat_params(ce: CrossEncoder) -> list:
-    return [(path, np.asarray(var.get_value())) for path, var in nnx.to_flat_state(nnx.state(ce.model))]
+    return [
+        (path, np.asarray(var.get_value())) for path, var in nnx.to_flat_state(nnx.state(ce.model, nnx.Param))
+    ]
 
 
 def transformers_logits(path: str, pairs) -> np.ndarray:
@@ -195,7 +195,9 @@ def test_exported_keys_and_shapes_are_transformers_own(case):
         path: np.zeros(var.get_value().shape, np.float32)
         for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param))
     }
-    exported = {key: value.shape for key, value in torch_state_dict(params, config.model_type).items()}
+    exported = {
+        key: value.shape for key, value in torch_state_dict(params, family_of(config).key_table).items()
+    }
     with torch.device("meta"):
         reference = transformers.AutoModelForSequenceClassification.from_config(hf_config)
     assert exported == {key: tuple(value.shape) for key, value in reference.state_dict().items()}

@@ -21,7 +21,7 @@ from flax import nnx
 
 from flax_ce import CrossEncoder
 from flax_ce.evaluation import ClassificationEvaluator
-from flax_ce.training import Trainer, decay_mask, default_loss, enable_dropout, example_losses, fit
+from flax_ce.training import Trainer, decay_mask, default_loss, example_losses, fit
 
 
 def duplicate_task(sentences: list[str], seed: int) -> list[tuple[str, str, float]]:
@@ -127,22 +127,29 @@ def test_seeded_training_is_reproducible(bert_dir):
     )
 
 
-def test_dropout_is_active_in_training_only(bert_dir):
+def test_dropout_follows_train_and_eval(bert_dir):
     ce = CrossEncoder(bert_dir, max_length=32)
-    graphdef, params = nnx.split(ce.model)
     ids = np.array([[2, 40, 41, 3, 50, 51, 3]], dtype=np.int32)
+    model = ce.model
 
-    @jax.jit
-    def train_logits(key):
-        model = nnx.merge(graphdef, params)
-        enable_dropout(model, key)
-        return model(ids, np.ones_like(ids), np.zeros_like(ids))
+    def logits():
+        return np.asarray(model(ids, np.ones_like(ids), np.zeros_like(ids)))
 
-    first, second = train_logits(jax.random.key(0)), train_logits(jax.random.key(1))
-    assert float(first[0, 0]) != float(second[0, 0])
-    np.testing.assert_array_equal(first, train_logits(jax.random.key(0)))
-    # The CrossEncoder's own model is never switched: scoring stays deterministic.
-    assert all(m.deterministic for _, m in nnx.iter_modules(ce.model) if isinstance(m, nnx.Dropout))
+    evaluated = logits()
+    model.train()
+    nnx.reseed(model, dropout=0)
+    first, second = logits(), logits()  # each call draws new masks from the model's own streams
+    assert float(first[0, 0]) != float(second[0, 0]) and float(first[0, 0]) != float(evaluated[0, 0])
+    nnx.reseed(model, dropout=0)
+    np.testing.assert_array_equal(first, logits())
+    model.eval()
+    np.testing.assert_array_equal(evaluated, logits())
+    # predict() always scores in eval mode, as sentence-transformers does.
+    model.train()
+    scores = ce.predict([("a b", "c d")] * 2)
+    assert scores[0] == scores[1] and all(
+        m.deterministic for _, m in nnx.iter_modules(model) if isinstance(m, nnx.Dropout)
+    )
 
 
 def test_losses_match_sentence_transformers_defaults():

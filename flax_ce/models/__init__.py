@@ -1,25 +1,46 @@
-"""Model families, keyed by the `model_type` of a checkpoint's config.json."""
+"""The model families flax_ce supports, keyed by the `model_type` of a checkpoint's config.json."""
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable
+import os
+from collections.abc import Mapping
 from typing import Any
 
+import jax.numpy as jnp
+from flax import nnx
+
+from flax_ce.config import ConfigError
 from flax_ce.models import bert, deberta
-
-
-@dataclasses.dataclass(frozen=True)
-class Family:
-    """How to read a family's config and build its module."""
-
-    config_from_dict: Callable[..., Any]
-    module: type
-
+from flax_ce.models.family import Family
 
 FAMILIES: dict[str, Family] = {
-    name: Family(bert.config_from_dict, bert.BertCrossEncoder) for name in bert.MODEL_TYPES
+    family.model_type: family
+    for family in (
+        bert.BERT,
+        bert.ROBERTA,
+        bert.ELECTRA,
+        deberta.DEBERTA,
+        deberta.DEBERTA_V2,
+    )
 }
-FAMILIES.update(
-    {name: Family(deberta.config_from_dict, deberta.DebertaCrossEncoder) for name in deberta.MODEL_TYPES}
-)
+
+
+def family_of(config_or_model_type: Any) -> Family:
+    """The Family of a config (or a `model_type` string)."""
+    model_type = getattr(config_or_model_type, "model_type", config_or_model_type)
+    return FAMILIES[model_type]
+
+
+def config_from_dict(raw: Mapping[str, Any], source: str | os.PathLike = "config.json"):
+    """The family's frozen config for a raw config.json dict; one ConfigError lists every unsupported setting."""
+    model_type = raw.get("model_type")
+    if model_type not in FAMILIES:
+        raise ConfigError(
+            f"{source}: model_type {model_type!r} is not supported (supported: {', '.join(sorted(FAMILIES))})"
+        )
+    return FAMILIES[model_type].config_from_dict(raw, os.fspath(source))
+
+
+def build_model(config, *, rngs: nnx.Rngs, dtype=jnp.float32) -> nnx.Module:
+    """A randomly initialised module for a validated config (any family)."""
+    return family_of(config).module(config, rngs=rngs, dtype=dtype)

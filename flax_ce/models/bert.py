@@ -11,6 +11,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flax_ce.config import ConfigReader, LabelsMixin, read_labels
+from flax_ce.conversion.rules import KeyTable, Kind, Rule
+from flax_ce.models.family import Family
 from flax_ce.models.layers import (
     ClassificationHead,
     FeedForward,
@@ -23,6 +25,9 @@ from flax_ce.models.layers import (
 )
 
 MODEL_TYPES = ("bert", "roberta", "electra")
+# The variants' differences, as config fields: RoBERTa counts positions from pad_token_id + 1, ELECTRA's
+# head uses GELU, and only BERT's pooler reads the CLS vector without dropout.
+HEAD_ACTIVATION = {"bert": "tanh", "roberta": "tanh", "electra": "gelu"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,18 +43,22 @@ class BertConfig(LabelsMixin):
     max_position_embeddings: int
     type_vocab_size: int
     embedding_size: int
+    position_offset: int = 0  # > 0: positions count real tokens from here (RoBERTa: pad_token_id + 1)
+    head_activation: str = "tanh"
+    head_dropout: float = 0.1
+    head_input_dropout: float = 0.0
     hidden_act: str = "gelu"
     layer_norm_eps: float = 1e-12
     pad_token_id: int = 0
     hidden_dropout_prob: float = 0.1
     attention_probs_dropout_prob: float = 0.1
-    classifier_dropout: float | None = None
     num_labels: int = 1
     labels: tuple[str, ...] = ("LABEL_0",)
 
     @property
-    def uses_token_types(self) -> bool:
-        return self.model_type != "roberta"
+    def position_limit(self) -> int:
+        """The longest sequence the position table can index."""
+        return self.max_position_embeddings - self.position_offset
 
 
 def config_from_dict(raw: Mapping[str, Any], source: str = "config.json") -> BertConfig:
@@ -66,8 +75,11 @@ def config_from_dict(raw: Mapping[str, Any], source: str = "config.json") -> Ber
         r.require(not raw.get(flag, False), f"{flag}=true is not supported (encoder-only cross-encoders)")
     r.check_problem_type()
     num_labels, labels = read_labels(r)
-    default_eps = 1e-12
     embedding_size = r.get("embedding_size", hidden, int) if model_type == "electra" else hidden
+    pad_token_id = r.get("pad_token_id", 1 if model_type == "roberta" else 0, int)
+    hidden_dropout = r.get("hidden_dropout_prob", 0.1, float)
+    classifier_dropout = r.get("classifier_dropout", None, float)
+    head_dropout = classifier_dropout if classifier_dropout is not None else hidden_dropout
     config = BertConfig(
         model_type=model_type,
         vocab_size=r.get("vocab_size", kind=int),
@@ -78,12 +90,15 @@ def config_from_dict(raw: Mapping[str, Any], source: str = "config.json") -> Ber
         max_position_embeddings=r.get("max_position_embeddings", 512, int),
         type_vocab_size=r.get("type_vocab_size", 2, int),
         embedding_size=embedding_size,
+        position_offset=(pad_token_id or 0) + 1 if model_type == "roberta" else 0,
+        head_activation=HEAD_ACTIVATION.get(model_type, "tanh"),
+        head_dropout=hidden_dropout if model_type == "bert" else head_dropout,
+        head_input_dropout=0.0 if model_type == "bert" else head_dropout,
         hidden_act=r.activation("hidden_act", "gelu"),
-        layer_norm_eps=r.get("layer_norm_eps", default_eps, float),
-        pad_token_id=r.get("pad_token_id", 1 if model_type == "roberta" else 0, int),
-        hidden_dropout_prob=r.get("hidden_dropout_prob", 0.1, float),
+        layer_norm_eps=r.get("layer_norm_eps", 1e-12, float),
+        pad_token_id=pad_token_id,
+        hidden_dropout_prob=hidden_dropout,
         attention_probs_dropout_prob=r.get("attention_probs_dropout_prob", 0.1, float),
-        classifier_dropout=r.get("classifier_dropout", None, float),
         num_labels=num_labels,
         labels=labels,
     )
@@ -99,7 +114,7 @@ class Embeddings(nnx.Module):
     """Word + position + token-type embeddings, LayerNorm, and ELECTRA's projection when E != H."""
 
     def __init__(self, config: BertConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
-        self.model_type = config.model_type
+        self.position_offset = config.position_offset
         self.pad_token_id = config.pad_token_id
         width = config.embedding_size
         self.word = embedding(config.vocab_size, width, rngs=rngs, dtype=dtype)
@@ -112,10 +127,11 @@ class Embeddings(nnx.Module):
         )
 
     def position_ids(self, input_ids: jax.Array) -> jax.Array:
-        """[batch, seq] positions: RoBERTa counts real tokens from pad_id + 1; the others use arange."""
-        if self.model_type == "roberta":
+        """[batch, seq] positions: with an offset (RoBERTa) real tokens count from it and padding sits one
+        below (RoBERTa's padding_idx), computed from input_ids as the reference does; otherwise arange."""
+        if self.position_offset:
             real = (input_ids != self.pad_token_id).astype(jnp.int32)
-            return jnp.cumsum(real, axis=1) * real + self.pad_token_id
+            return jnp.cumsum(real, axis=1) * real + self.position_offset - 1
         return jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
 
     def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array) -> jax.Array:
@@ -181,18 +197,15 @@ class BertCrossEncoder(nnx.Module):
         self.layers = nnx.List(
             [EncoderLayer(config, rngs=rngs, dtype=dtype) for _ in range(config.num_hidden_layers)]
         )
-        head_dropout = (
-            config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
-        )
         self.head = ClassificationHead(
             config.hidden_size,
             config.hidden_size,
             config.num_labels,
-            "gelu" if config.model_type == "electra" else "tanh",
-            config.hidden_dropout_prob if config.model_type == "bert" else head_dropout,
+            config.head_activation,
+            config.head_dropout,
             rngs=rngs,
             dtype=dtype,
-            input_dropout_rate=0.0 if config.model_type == "bert" else head_dropout,
+            input_dropout_rate=config.head_input_dropout,
         )
 
     def encode(
@@ -214,3 +227,66 @@ class BertCrossEncoder(nnx.Module):
     ) -> jax.Array:
         """input_ids, attention_mask, token_type_ids [batch, seq] int -> logits [batch, num_labels]."""
         return self.head(self.encode(input_ids, attention_mask, token_type_ids)[-1])
+
+
+LAYER = "encoder.layer.{layer}"
+ENCODER_RULES = (
+    Rule("embeddings.word_embeddings", "embeddings.word", Kind.EMBED),
+    Rule("embeddings.position_embeddings", "embeddings.position", Kind.EMBED),
+    Rule("embeddings.token_type_embeddings", "embeddings.token_type", Kind.EMBED),
+    Rule("embeddings.LayerNorm", "embeddings.norm", Kind.NORM),
+    Rule(
+        f"{LAYER}.attention.self.{{proj}}",
+        "layers.{layer}.attention.{proj}",
+        Kind.LINEAR,
+        {"proj": ("query", "key", "value")},
+    ),
+    Rule(f"{LAYER}.attention.output.dense", "layers.{layer}.attention.output.dense", Kind.LINEAR),
+    Rule(f"{LAYER}.attention.output.LayerNorm", "layers.{layer}.attention.output.norm", Kind.NORM),
+    Rule(f"{LAYER}.intermediate.dense", "layers.{layer}.ffn.intermediate", Kind.LINEAR),
+    Rule(f"{LAYER}.output.dense", "layers.{layer}.ffn.output.dense", Kind.LINEAR),
+    Rule(f"{LAYER}.output.LayerNorm", "layers.{layer}.ffn.output.norm", Kind.NORM),
+)
+DENSE_OUT_PROJ_HEAD = (
+    Rule("classifier.dense", "head.dense", Kind.LINEAR),
+    Rule("classifier.out_proj", "head.out_proj", Kind.LINEAR),
+)
+BUFFERS = (r"embeddings\.position_ids", r"embeddings\.token_type_ids")
+
+BERT = Family(
+    "bert",
+    config_from_dict,
+    BertCrossEncoder,
+    # BERT's pooler belongs to BertModel (under the prefix); the classifier sits beside it.
+    KeyTable(
+        prefix="bert.",
+        encoder=ENCODER_RULES + (Rule("pooler.dense", "head.dense", Kind.LINEAR),),
+        head=(Rule("classifier", "head.out_proj", Kind.LINEAR),),
+        ignore=BUFFERS + (r"cls\..*",),
+    ),
+    "BertForSequenceClassification",
+)
+ROBERTA = Family(
+    "roberta",
+    config_from_dict,
+    BertCrossEncoder,
+    KeyTable(
+        prefix="roberta.",
+        encoder=ENCODER_RULES,
+        head=DENSE_OUT_PROJ_HEAD,
+        ignore=BUFFERS + (r"pooler\..*", r"lm_head\..*"),
+    ),
+    "RobertaForSequenceClassification",
+)
+ELECTRA = Family(
+    "electra",
+    config_from_dict,
+    BertCrossEncoder,
+    KeyTable(
+        prefix="electra.",
+        encoder=ENCODER_RULES + (Rule("embeddings_project", "embeddings.projection", Kind.LINEAR),),
+        head=DENSE_OUT_PROJ_HEAD,
+        ignore=BUFFERS + (r"discriminator_predictions\..*", r"generator_.*"),
+    ),
+    "ElectraForSequenceClassification",
+)

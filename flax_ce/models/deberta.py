@@ -14,6 +14,8 @@ from flax import nnx
 
 from flax_ce.activations import HIDDEN_ACTIVATIONS
 from flax_ce.config import ConfigReader, LabelsMixin, read_labels
+from flax_ce.conversion.rules import KeyTable, Kind, Rule
+from flax_ce.models.family import Family
 from flax_ce.models.layers import (
     ClassificationHead,
     FeedForward,
@@ -71,6 +73,11 @@ class DebertaConfig(LabelsMixin):
     @property
     def is_v1(self) -> bool:
         return self.model_type == "deberta"
+
+    @property
+    def position_limit(self) -> int | None:
+        """The longest sequence an absolute position table can index; None when there is none (v3)."""
+        return self.max_position_embeddings if self.position_biased_input else None
 
     @property
     def relative_range(self) -> int:
@@ -479,3 +486,89 @@ class DebertaCrossEncoder(nnx.Module):
     ) -> jax.Array:
         """input_ids, attention_mask, token_type_ids [batch, seq] int -> logits [batch, num_labels]."""
         return self.head(self.encode(input_ids, attention_mask, token_type_ids)[-1])
+
+
+LAYER = "encoder.layer.{layer}"
+# v1 and v2/v3 share embeddings, output blocks and feed-forward; the ContextPooler head sits beside the
+# base model.
+SHARED_RULES = (
+    Rule("embeddings.word_embeddings", "embeddings.word", Kind.EMBED),
+    Rule("embeddings.position_embeddings", "embeddings.position", Kind.EMBED),
+    Rule("embeddings.token_type_embeddings", "embeddings.token_type", Kind.EMBED),
+    Rule("embeddings.embed_proj", "embeddings.projection", Kind.LINEAR),
+    Rule("embeddings.LayerNorm", "embeddings.norm", Kind.NORM),
+    Rule("encoder.rel_embeddings", "rel_embeddings", Kind.EMBED),
+    Rule(f"{LAYER}.attention.output.dense", "layers.{layer}.attention.output.dense", Kind.LINEAR),
+    Rule(f"{LAYER}.attention.output.LayerNorm", "layers.{layer}.attention.output.norm", Kind.NORM),
+    Rule(f"{LAYER}.intermediate.dense", "layers.{layer}.ffn.intermediate", Kind.LINEAR),
+    Rule(f"{LAYER}.output.dense", "layers.{layer}.ffn.output.dense", Kind.LINEAR),
+    Rule(f"{LAYER}.output.LayerNorm", "layers.{layer}.ffn.output.norm", Kind.NORM),
+)
+HEAD_RULES = (
+    Rule("pooler.dense", "head.dense", Kind.LINEAR),
+    Rule("classifier", "head.out_proj", Kind.LINEAR),
+)
+# The published checkpoints keep `embeddings.position_embeddings` even when position_biased_input is
+# false; transformers drops it then (`_keys_to_ignore_on_load_unexpected`), as it drops MLM heads.
+IGNORE = (
+    r"embeddings\.position_ids",
+    r"embeddings\.position_embeddings\.weight",
+    r"lm_predictions\..*",
+    r"mask_predictions\..*",
+    r"cls\..*",
+)
+
+DEBERTA = Family(
+    "deberta",
+    config_from_dict,
+    DebertaCrossEncoder,
+    KeyTable(
+        prefix="deberta.",
+        encoder=SHARED_RULES
+        + (
+            Rule(f"{LAYER}.attention.self.in_proj", "layers.{layer}.attention.in_proj", Kind.LINEAR),
+            Rule(
+                f"{LAYER}.attention.self.{{bias}}",
+                "layers.{layer}.attention.{bias}",
+                Kind.PARAM,
+                {"bias": ("q_bias", "v_bias")},
+            ),
+            Rule(f"{LAYER}.attention.self.pos_proj", "layers.{layer}.attention.pos_key_proj", Kind.LINEAR),
+            Rule(
+                f"{LAYER}.attention.self.pos_q_proj", "layers.{layer}.attention.pos_query_proj", Kind.LINEAR
+            ),
+        ),
+        head=HEAD_RULES,
+        ignore=IGNORE,
+    ),
+    "DebertaForSequenceClassification",
+)
+DEBERTA_V2 = Family(
+    "deberta-v2",
+    config_from_dict,
+    DebertaCrossEncoder,
+    KeyTable(
+        prefix="deberta.",
+        encoder=SHARED_RULES
+        + (
+            Rule(
+                f"{LAYER}.attention.self.{{proj}}_proj",
+                "layers.{layer}.attention.{proj}",
+                Kind.LINEAR,
+                {"proj": ("query", "key", "value")},
+            ),
+            Rule(
+                f"{LAYER}.attention.self.pos_{{proj}}_proj",
+                "layers.{layer}.attention.pos_{proj}_proj",
+                Kind.LINEAR,
+                {"proj": ("key", "query")},
+            ),
+            Rule("encoder.LayerNorm", "rel_norm", Kind.NORM),
+            Rule("encoder.conv.conv", "conv.conv", Kind.CONV1D),
+            Rule("encoder.conv.LayerNorm", "conv.norm", Kind.NORM),
+        ),
+        head=HEAD_RULES,
+        ignore=IGNORE,
+    ),
+    "DebertaV2ForSequenceClassification",
+)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -14,7 +12,8 @@ from flax_ce.activations import HIDDEN_ACTIVATIONS
 def dense(
     in_features: int, out_features: int, *, rngs: nnx.Rngs, dtype=jnp.float32, use_bias: bool = True
 ) -> nnx.Linear:
-    """A Linear layer with torch's default init scale; parameters are fp32, computation in `dtype`."""
+    """A Linear layer initialised as transformers does with the default `initializer_range` (normal, std 0.02);
+    parameters are fp32, computation in `dtype`."""
     return nnx.Linear(
         in_features,
         out_features,
@@ -46,13 +45,9 @@ def embedding(num: int, features: int, *, rngs: nnx.Rngs, dtype=jnp.float32) -> 
 
 
 def dropout(rate: float, *, rngs: nnx.Rngs) -> nnx.Dropout:
-    """Dropout that is off until `model.train()`.
-
-    It holds no RNG stream, so an inference model's state is its parameters alone; training attaches
-    streams (see `flax_ce.training`).
-    """
-    del rngs
-    return nnx.Dropout(rate, deterministic=True)
+    """Dropout that is off until `model.train()` (and off again after `model.eval()`); it draws its masks
+    from its own fork of `rngs`' dropout stream."""
+    return nnx.Dropout(rate, deterministic=True, rngs=rngs)
 
 
 class ResidualOutput(nnx.Module):
@@ -138,8 +133,3 @@ class ClassificationHead(nnx.Module):
 def split_heads(x: jax.Array, num_heads: int) -> jax.Array:
     """[batch, seq, heads * d] -> [batch, seq, heads, d]."""
     return x.reshape(*x.shape[:-1], num_heads, x.shape[-1] // num_heads)
-
-
-def head_scale(head_dim: int, factor: int = 1) -> float:
-    """1 / sqrt(head_dim * factor), computed in Python float as the references do."""
-    return 1.0 / math.sqrt(head_dim * factor)
