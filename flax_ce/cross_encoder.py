@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from flax_ce.activations import SCORE_ACTIVATIONS, activation_from_name
 from flax_ce.config import ConfigError
 from flax_ce.engine import DEFAULT_TOKEN_BUDGET, ScoringEngine, make_mesh, planned_shapes
+from flax_ce.export import save_pretrained
 from flax_ce.hub import resolve_model_dir
 from flax_ce.inputs import check_positive, check_text, normalise_pairs, shorten_long_texts
 from flax_ce.loading import load_model, load_tokenizer, read_config
@@ -225,24 +226,28 @@ class CrossEncoder:
         if show_progress_bar is None:
             show_progress_bar = logger.getEffectiveLevel() in (logging.INFO, logging.DEBUG)
         self.model.eval()  # scoring never drops out, as sentence-transformers' predict
-        logits = self.engine.run(
+        return self.engine.run(
             self.model,
             ids,
             types,
             self.num_labels,
+            activation_fn=activation_fn,
             batch_size=batch_size,
             token_budget=self.token_budget,
             progress=lambda plan: tqdm(plan, desc="Batches", disable=not show_progress_bar),
         )
-        # Outside the compiled programs, so any activation (a fresh lambda too) reuses them.
-        return np.asarray(activation_fn(jnp.asarray(logits)), dtype=np.float32)
 
-    def warmup(self, batch_size: int | None = None) -> int:
-        """Compile every shape predict() can use with this batch_size (None: the token budget); returns
-        how many were compiled now. With the persistent cache enabled, later processes load them."""
+    def warmup(self, batch_size: int | None = None, activation_fn: Callable | str | None = None) -> int:
+        """Compile every shape predict() can use with this batch_size (None: the token budget) and the
+        activation's operations; returns how many scoring programs were compiled now. With the persistent
+        cache enabled, later processes load them."""
+        if isinstance(activation_fn, str):
+            activation_fn = activation_from_name(activation_fn)
         before = self.engine.compile_count
         self.model.eval()
-        self.engine.warmup(self.model, self.planned_shapes(batch_size))
+        self.engine.warmup(
+            self.model, self.planned_shapes(batch_size), self.num_labels, activation_fn or self.activation_fn
+        )
         return self.engine.compile_count - before
 
     def planned_shapes(self, batch_size: int | None = None) -> set[tuple[int, int]]:
@@ -371,8 +376,6 @@ class CrossEncoder:
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Save as a transformers checkpoint that sentence-transformers, transformers and flax_ce load."""
-        from flax_ce.export import save_pretrained
-
         save_pretrained(self, path)
 
 

@@ -264,11 +264,20 @@ class ScoringEngine:
             self._programs.popitem(last=False)
         return executable
 
-    def warmup(self, model: nnx.Module, shapes: Iterable[tuple[int, int]]) -> None:
-        """Compile the given [rows, length] shapes ahead of time."""
+    def warmup(
+        self,
+        model: nnx.Module,
+        shapes: Iterable[tuple[int, int]],
+        num_outputs: int,
+        activation_fn: Callable[[jax.Array], jax.Array] | None = None,
+    ) -> None:
+        """Compile the given [rows, length] shapes ahead of time, and the activation's operations for
+        each batch's [rows, num_outputs] logits."""
         state = self.weights(model)
         for rows, length in sorted(shapes):
             self.compiled(state, rows, length)
+            if activation_fn is not None:
+                jax.block_until_ready(activation_fn(jnp.zeros((rows, num_outputs), jnp.float32)))
 
     def _host_arrays(self, ids: list[list[int]], types: list[list[int]] | None, batch: Batch):
         """int32 [rows, length] arrays; rows beyond the inputs are padding (their scores are dropped)."""
@@ -290,11 +299,16 @@ class ScoringEngine:
         types: list[list[int]] | None,
         num_outputs: int,
         *,
+        activation_fn: Callable[[jax.Array], jax.Array] | None = None,
         batch_size: int | None = None,
         token_budget: int = DEFAULT_TOKEN_BUDGET,
         progress: Callable[[Iterable], Iterable] = lambda x: x,
     ) -> np.ndarray:
-        """fp32 logits [N, num_outputs] of `model` for token id lists, in their original order."""
+        """activation_fn(logits) [N, num_outputs] (fp32) of `model` for token id lists, in their original order.
+
+        The activation runs on each batch's logits outside the compiled program, so any callable (a fresh
+        lambda too) reuses the programs, and its own operations see only the planned batch shapes.
+        """
         out = np.zeros((len(ids), num_outputs), dtype=np.float32)
         plan = plan_batches(
             [len(x) for x in ids],
@@ -308,7 +322,8 @@ class ScoringEngine:
         for batch in progress(plan):
             executable = self.compiled(state, batch.rows, batch.length)
             # Dispatch is asynchronous: building the next host batch overlaps this one's compute.
-            pending.append((batch, executable(state, *self._host_arrays(ids, types, batch))))
+            logits = executable(state, *self._host_arrays(ids, types, batch))
+            pending.append((batch, logits if activation_fn is None else activation_fn(logits)))
             if len(pending) > PIPELINE_DEPTH:
                 done, scores = pending.popleft()
                 out[done.indices] = np.asarray(scores)[: len(done.indices)]

@@ -11,18 +11,16 @@ import math
 import os
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from flax_ce.cross_encoder import CrossEncoder
 from flax_ce.engine import cast_params
+from flax_ce.hub import resolve_model_dir
 from flax_ce.inputs import check_positive, normalise_pairs, shorten_long_texts
-
-if TYPE_CHECKING:
-    from flax_ce.cross_encoder import CrossEncoder
 
 # How closely flax_ce must match the fp32 PyTorch reference (max absolute difference).
 # fp32: both sides compute in fp32 and differ only in summation order: ~1e-6 on every test checkpoint
@@ -369,6 +367,21 @@ def _divergence(per_layer: Sequence[LayerDiff]) -> str:
     return "none of the model's stages (check max_length, the tokenizer and the score activation)"
 
 
+def _load_both(model, flax_model, max_length: int | None, dtype: str):
+    """(flax_ce CrossEncoder, sentence-transformers reference) for `check`."""
+    _reference_class()  # fail early, before loading anything, when the reference is not installed
+    model_dir = resolve_model_dir(model)
+    if isinstance(flax_model, CrossEncoder):
+        ours = flax_model
+    else:
+        ours = CrossEncoder(
+            model_dir if flax_model is None else flax_model,
+            max_length=max_length,
+            dtype=jnp.float32 if dtype == "float32" else jnp.bfloat16,
+        )
+    return ours, _reference(model_dir, max_length)
+
+
 def check(
     model: str | os.PathLike,
     pairs: Sequence[tuple[str, str]] | None = None,
@@ -386,9 +399,6 @@ def check(
     our side: another directory (e.g. a re-saved copy) or an already loaded `flax_ce.CrossEncoder`.
     With `layers`, hidden states are compared stage by stage to name the first that diverges.
     """
-    from flax_ce.cross_encoder import CrossEncoder
-    from flax_ce.hub import resolve_model_dir
-
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     check_positive("n", n, allow_none=True)
@@ -397,17 +407,7 @@ def check(
     pairs = builtin_pairs(n or DEFAULT_N) if pairs is None else normalise_pairs(pairs)[0][:n]
     if not pairs:
         raise ValueError("no pairs to compare")
-    _reference_class()  # fail early, before loading anything, when the reference is not installed
-    model_dir = resolve_model_dir(model)
-    if isinstance(flax_model, CrossEncoder):
-        ours = flax_model
-    else:
-        ours = CrossEncoder(
-            model_dir if flax_model is None else flax_model,
-            max_length=max_length,
-            dtype=jnp.float32 if dtype == "float32" else jnp.bfloat16,
-        )
-    st = _reference(model_dir, max_length)
+    ours, st = _load_both(model, flax_model, max_length, dtype)
     # The reference tokenizer would need memory ~ the product of two very long texts' lengths; cut
     # them as flax_ce does, to prefixes that truncate to the same tokens.
     reference_pairs = shorten_long_texts(st.tokenizer, pairs, st.max_length)
@@ -508,6 +508,11 @@ def _number(value: float | None, spec: str = ".2e") -> str:
     return "n/a" if value is None else format(value, spec)
 
 
+def diverging_stage(first_divergence: str | None) -> str | None:
+    """The stage name in a first-divergence text: "layer 12 (attention)" -> "layer 12"."""
+    return None if first_divergence is None else first_divergence.partition(" (")[0]
+
+
 def format_report(report: ParityReport) -> str:
     """A human-readable summary of a ParityReport."""
     lines = [
@@ -532,9 +537,7 @@ def format_report(report: ParityReport) -> str:
                     f"  (attention {_number(layer.attention_max_abs_diff)}, "
                     f"feed-forward {_number(layer.feed_forward_max_abs_diff)})"
                 )
-            over = (
-                "  > tolerance" if report.first_divergence and layer.name in report.first_divergence else ""
-            )
+            over = "  > tolerance" if diverging_stage(report.first_divergence) == layer.name else ""
             lines.append(f"  {layer.name:<12} {_number(layer.max_abs_diff)}{parts}{over}")
     lines.append("PASSED" if report.passed else "FAILED")
     if report.first_divergence is not None:

@@ -264,17 +264,7 @@ def fit(
     logits); default as sentence-transformers. Steps count optimiser updates (`accumulation_steps`
     batches each). `evaluator(ce)` runs every `eval_steps` steps and at the end.
     """
-    if not train_examples:
-        raise ValueError("no training examples")
-    micro_per_epoch = -(-len(train_examples) // batch_size)
-    total_steps = epochs * micro_per_epoch // accumulation_steps
-    if max_steps is not None:
-        total_steps = min(total_steps, max_steps)
-    if total_steps < 1:
-        raise ValueError(
-            f"{len(train_examples)} examples make no full step of batch_size {batch_size} x "
-            f"accumulation_steps {accumulation_steps}"
-        )
+    total_steps = count_steps(len(train_examples), epochs, batch_size, accumulation_steps, max_steps)
     trainer = Trainer(
         ce,
         total_steps,
@@ -289,9 +279,45 @@ def fit(
         max_grad_norm=max_grad_norm,
         accumulation_steps=accumulation_steps,
     )
+    encoded = trainer.encode(train_examples)
+    result = run_steps(
+        trainer, encoded, total_steps, accumulation_steps, seed, evaluator, eval_steps, show_progress_bar
+    )
+    if evaluator is not None and (not result.evaluations or result.evaluations[-1][0] != result.steps):
+        result.evaluations.append((result.steps, _evaluate(ce, evaluator, result.steps)))
+    return result
+
+
+def count_steps(
+    examples: int, epochs: int, batch_size: int, accumulation_steps: int, max_steps: int | None
+) -> int:
+    """Optimiser steps that `epochs` over `examples` make (at most `max_steps`); at least one, or a ValueError."""
+    if not examples:
+        raise ValueError("no training examples")
+    total_steps = epochs * -(-examples // batch_size) // accumulation_steps
+    if max_steps is not None:
+        total_steps = min(total_steps, max_steps)
+    if total_steps < 1:
+        raise ValueError(
+            f"{examples} examples make no full step of batch_size {batch_size} x "
+            f"accumulation_steps {accumulation_steps}"
+        )
+    return total_steps
+
+
+def run_steps(
+    trainer: Trainer,
+    encoded: tuple[list, list | None, np.ndarray],
+    total_steps: int,
+    accumulation_steps: int,
+    seed: int,
+    evaluator: Callable | None,
+    eval_steps: int | None,
+    show_progress_bar: bool,
+) -> TrainResult:
+    """Train for `total_steps` optimiser steps, evaluating every `eval_steps`; the weights end up installed."""
     result = TrainResult()
     rng = np.random.default_rng(seed)
-    encoded = trainer.encode(train_examples)
     pending: list[jax.Array] = []
     with tqdm(total=total_steps, desc="Training", disable=not show_progress_bar) as bar:
         while result.steps < total_steps:
@@ -310,8 +336,6 @@ def fit(
                 if result.steps == total_steps:
                     break
     trainer.install()
-    if evaluator is not None and (not result.evaluations or result.evaluations[-1][0] != result.steps):
-        result.evaluations.append((result.steps, _evaluate(ce, evaluator, result.steps)))
     return result
 
 

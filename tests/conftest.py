@@ -16,7 +16,7 @@ import checkpoints  # noqa: E402
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-TOLERANCE = 1e-4
+TOLERANCE = 2e-5  # measured errors are about 1e-6; a tanh-GELU slip (up to 4.7e-4) must fail
 
 
 def pytest_configure(config):

@@ -20,7 +20,9 @@ def test_compiles_once_per_shape(bert_dir):
         for b in plan_batches([len(x) for x in ce.tokenize(pairs)["input_ids"]], 200, batch_size=8)
     }
     assert used <= ce.planned_shapes(batch_size=8)
-    assert 1 <= compiles[0] <= len(used) == ce.engine.compile_count
+    # One program per shape, plus the activation's (eager) operation once per batch row count.
+    assert len(used) == ce.engine.compile_count
+    assert 1 <= compiles[0] <= len(used) + len({rows for rows, _ in used})
     with count_compiles() as again:
         second = ce.predict(list(reversed(pairs)), batch_size=8)
     assert again[0] == 0

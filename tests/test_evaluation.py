@@ -139,10 +139,19 @@ def test_correlation_matches_sentence_transformers(ties):
     assert_same(ours, reference)
 
 
-def test_evaluators_accept_a_cross_encoder(bert_dir):
+def test_evaluators_on_a_cross_encoder_match_sentence_transformers_on_its_model(bert_dir):
+    from sentence_transformers import CrossEncoder as STCrossEncoder
+
     from flax_ce import CrossEncoder
 
-    ce = CrossEncoder(bert_dir, max_length=32)
-    samples = [{"query": "what is a list", "positive": ["A list."], "negative": ["A dict.", "A set."]}]
-    metrics = RerankingEvaluator(samples)(ce)
-    assert 0 < metrics["mrr@10"] <= 1
+    samples, _ = reranking_samples(seed=4, ties=False)
+    # sentence-transformers' NDCG (sklearn) refuses a query with a single document.
+    samples = [s for s in samples if len(s.get("documents", s["positive"] + s.get("negative", []))) > 1]
+    ours = RerankingEvaluator(samples, name="dev")(CrossEncoder(bert_dir, max_length=32))
+    reference = CrossEncoderRerankingEvaluator(samples, name="dev", show_progress_bar=False)(
+        STCrossEncoder(bert_dir, max_length=32, device="cpu")
+    )
+    # Both rank by the same scores (within 1e-6), so every ranking metric is the same number.
+    for key, value in reference.items():
+        assert ours[key] == pytest.approx(float(value), abs=1e-9), key
+    assert len(reference) >= 4

@@ -16,6 +16,7 @@ from flax_ce.cli import main
 from flax_ce.parity import (
     BF16_RELATIVE_TOLERANCE,
     FP32_TOLERANCE,
+    LayerDiff,
     ParityReport,
     builtin_pairs,
     check,
@@ -176,3 +177,14 @@ def test_builtin_pairs():
         builtin_pairs(192)
     with pytest.raises(ValueError, match="n must be a positive integer"):
         builtin_pairs(0)
+
+
+def test_human_report_flags_only_the_diverging_stage():
+    names = ["embeddings", *(f"layer {i}" for i in range(1, 13)), "head"]
+    per_layer = [LayerDiff(name, 1.0 if name == "layer 12" else 1e-7, 1e-8, 1e-5) for name in names]
+    report = ParityReport(
+        "m", "bert", "float32", 4, 1, 512, 512, 1e-5, 1.0, 0.5, 1.0, 0.1, 0.1, 0.5, None, False,
+        per_layer=per_layer, first_divergence="layer 12 (attention)",
+    )  # fmt: skip
+    flagged = [line.split()[:2] for line in format_report(report).splitlines() if "> tolerance" in line]
+    assert flagged == [["layer", "12"]]  # not "layer 1", whose name is a prefix of it

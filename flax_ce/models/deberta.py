@@ -123,44 +123,8 @@ def config_from_dict(raw: Mapping[str, Any], source: str = "config.json") -> Deb
     if is_v1:
         r.require(not raw.get("talking_head", False), "talking_head=true is not supported")
 
-    pos_att_type = _split_names(r.get("pos_att_type", None, (str, list)))
-    pos_att_type = tuple(pos_att_type or ())
-    unknown = [p for p in pos_att_type if p not in POS_ATT_TYPES]
-    r.require(not unknown, f"pos_att_type entries {unknown!r} are not supported (only {POS_ATT_TYPES})")
-    r.require(
-        len(set(pos_att_type)) == len(pos_att_type), f"pos_att_type {list(pos_att_type)!r} repeats an entry"
-    )
-
-    max_positions = r.get("max_position_embeddings", 512, int)
-    r.require(max_positions is None or max_positions >= 1, "max_position_embeddings must be >= 1")
-    relative_attention = r.get("relative_attention", False, bool)
-    max_relative = r.get("max_relative_positions", -1, int)
-    # v1 ignores the v2-only fields below, exactly as the reference does.
-    buckets = -1 if is_v1 else r.get("position_buckets", -1, int)
-    if relative_attention and buckets is not None and buckets > 0:
-        relative_range = max_relative if max_relative and max_relative >= 1 else max_positions
-        # The log buckets divide by log((range - 1) / (buckets // 2)); it must be positive.
-        r.require(
-            buckets >= 2 and relative_range is not None and relative_range - 1 > buckets // 2,
-            f"position_buckets={buckets} needs buckets >= 2 and a relative range ({relative_range}) "
-            f"larger than buckets // 2 + 1",
-        )
-    norm_rel_ebd = [] if is_v1 else _split_names(r.get("norm_rel_ebd", "none", str)) or []
-    bad_norms = [n for n in norm_rel_ebd if n not in NORM_REL_EBD]
-    r.require(not bad_norms, f"norm_rel_ebd entries {bad_norms!r} are not supported (only {NORM_REL_EBD})")
-
-    conv_kernel = 0 if is_v1 else r.get("conv_kernel_size", 0, int)
-    conv_groups, conv_act = 1, "tanh"
-    if conv_kernel and conv_kernel > 0:
-        # The reference pads (k - 1) // 2 on each side: an even kernel shortens the sequence and fails.
-        r.require(conv_kernel % 2 == 1, f"conv_kernel_size={conv_kernel} is not supported (only odd sizes)")
-        conv_groups = r.get("conv_groups", 1, int)
-        r.require(
-            bool(conv_groups) and conv_groups >= 1 and bool(hidden) and hidden % conv_groups == 0,
-            f"conv_groups={conv_groups} must be >= 1 and divide hidden_size {hidden}",
-        )
-        conv_act = r.activation("conv_act", "tanh")
-
+    relative = _relative_attention_fields(r, is_v1)
+    conv = {} if is_v1 else _conv_fields(r, hidden)
     pooler_size = r.get("pooler_hidden_size", hidden, int)
     r.require(
         pooler_size == hidden,
@@ -178,19 +142,13 @@ def config_from_dict(raw: Mapping[str, Any], source: str = "config.json") -> Deb
         num_hidden_layers=r.get("num_hidden_layers", kind=int),
         num_attention_heads=heads,
         intermediate_size=r.get("intermediate_size", kind=int),
-        max_position_embeddings=max_positions,
+        max_position_embeddings=relative.pop("max_position_embeddings"),
         type_vocab_size=type_vocab,
         embedding_size=r.get("embedding_size", hidden, int),
         position_biased_input=r.get("position_biased_input", True, bool),
-        relative_attention=relative_attention,
-        max_relative_positions=max_relative,
-        pos_att_type=pos_att_type,
-        position_buckets=buckets,
         share_att_key=False if is_v1 else r.get("share_att_key", False, bool),
-        norm_rel_ebd="layer_norm" in norm_rel_ebd,
-        conv_kernel_size=max(conv_kernel or 0, 0),
-        conv_groups=conv_groups,
-        conv_act=conv_act,
+        **relative,
+        **conv,
         hidden_act=r.activation("hidden_act", "gelu"),
         pooler_hidden_act=r.activation("pooler_hidden_act", "gelu"),
         layer_norm_eps=r.get("layer_norm_eps", 1e-7, float),
@@ -204,6 +162,60 @@ def config_from_dict(raw: Mapping[str, Any], source: str = "config.json") -> Deb
     )
     r.finish()
     return config
+
+
+def _relative_attention_fields(r: ConfigReader, is_v1: bool) -> dict[str, Any]:
+    """pos_att_type, positions, relative range and buckets, norm_rel_ebd; v1 ignores the v2-only ones."""
+    pos_att_type = _split_names(r.get("pos_att_type", None, (str, list)))
+    pos_att_type = tuple(pos_att_type or ())
+    unknown = [p for p in pos_att_type if p not in POS_ATT_TYPES]
+    r.require(not unknown, f"pos_att_type entries {unknown!r} are not supported (only {POS_ATT_TYPES})")
+    r.require(
+        len(set(pos_att_type)) == len(pos_att_type), f"pos_att_type {list(pos_att_type)!r} repeats an entry"
+    )
+    max_positions = r.get("max_position_embeddings", 512, int)
+    r.require(max_positions is None or max_positions >= 1, "max_position_embeddings must be >= 1")
+    relative_attention = r.get("relative_attention", False, bool)
+    max_relative = r.get("max_relative_positions", -1, int)
+    buckets = -1 if is_v1 else r.get("position_buckets", -1, int)
+    if relative_attention and buckets is not None and buckets > 0:
+        relative_range = max_relative if max_relative and max_relative >= 1 else max_positions
+        # The log buckets divide by log((range - 1) / (buckets // 2)); it must be positive.
+        r.require(
+            buckets >= 2 and relative_range is not None and relative_range - 1 > buckets // 2,
+            f"position_buckets={buckets} needs buckets >= 2 and a relative range ({relative_range}) "
+            f"larger than buckets // 2 + 1",
+        )
+    norm_rel_ebd = [] if is_v1 else _split_names(r.get("norm_rel_ebd", "none", str)) or []
+    bad_norms = [n for n in norm_rel_ebd if n not in NORM_REL_EBD]
+    r.require(not bad_norms, f"norm_rel_ebd entries {bad_norms!r} are not supported (only {NORM_REL_EBD})")
+    return {
+        "max_position_embeddings": max_positions,
+        "relative_attention": relative_attention,
+        "max_relative_positions": max_relative,
+        "pos_att_type": pos_att_type,
+        "position_buckets": buckets,
+        "norm_rel_ebd": "layer_norm" in norm_rel_ebd,
+    }
+
+
+def _conv_fields(r: ConfigReader, hidden: int | None) -> dict[str, Any]:
+    """v2's optional convolution after the first layer (conv_kernel_size > 0)."""
+    conv_kernel = r.get("conv_kernel_size", 0, int)
+    if not conv_kernel or conv_kernel <= 0:
+        return {}
+    # The reference pads (k - 1) // 2 on each side: an even kernel shortens the sequence and fails.
+    r.require(conv_kernel % 2 == 1, f"conv_kernel_size={conv_kernel} is not supported (only odd sizes)")
+    conv_groups = r.get("conv_groups", 1, int)
+    r.require(
+        bool(conv_groups) and conv_groups >= 1 and bool(hidden) and hidden % conv_groups == 0,
+        f"conv_groups={conv_groups} must be >= 1 and divide hidden_size {hidden}",
+    )
+    return {
+        "conv_kernel_size": conv_kernel,
+        "conv_groups": conv_groups,
+        "conv_act": r.activation("conv_act", "tanh"),
+    }
 
 
 def log_bucket_positions(relative: np.ndarray, buckets: int, max_position: int) -> np.ndarray:
