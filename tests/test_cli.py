@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 from checkpoints import sample_pairs
-from conftest import TOLERANCE
+from support import TOLERANCE
 
 from flax_ce import CrossEncoder
 from flax_ce.cli import main

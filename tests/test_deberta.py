@@ -10,110 +10,24 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from checkpoints import corpus, init_large_std, sample_pairs
-from conftest import TOLERANCE
+from checkpoints import (
+    CASES,
+    LABELS,
+    REFERENCE_CLASSES,
+    TINY,
+    V3,
+    corpus,
+    reference_model,
+    sample_pairs,
+)
 from flax import nnx
 from flax_ce.conversion.convert import build_module
 from flax_ce.conversion.errors import CheckpointError
+from support import TOLERANCE
 
 from flax_ce.config import ConfigError
 from flax_ce.models import FAMILIES, config_from_dict, family_of
 from flax_ce.models.deberta import DebertaCrossEncoder, log_bucket_positions
-
-LABELS = {0: "contradiction", 1: "entailment", 2: "neutral"}
-TINY = dict(
-    vocab_size=97,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=37,
-    max_position_embeddings=64,
-    num_labels=3,
-    id2label=LABELS,
-    label2id={v: k for k, v in LABELS.items()},
-)
-# The v3 recipe (position buckets, shared keys, normed relative table, no absolute positions), with
-# 16 buckets so that short sequences already cross buckets // 2 and the relative range (64).
-V3 = dict(
-    relative_attention=True,
-    position_buckets=16,
-    share_att_key=True,
-    norm_rel_ebd="layer_norm",
-    pos_att_type=["p2c", "c2p"],
-    type_vocab_size=0,
-    position_biased_input=False,
-    max_relative_positions=-1,
-)
-# name -> (model_type, config overrides, sequence lengths to test)
-CASES = {
-    "v1": (
-        "deberta",
-        dict(relative_attention=True, pos_att_type="c2p|p2c", position_biased_input=False),
-        (9, 30),
-    ),
-    "v1-max-relative-6": (
-        "deberta",
-        dict(
-            relative_attention=True,
-            pos_att_type=["c2p", "p2c"],
-            max_relative_positions=6,
-            position_biased_input=True,
-            type_vocab_size=2,
-        ),
-        (5, 24),
-    ),
-    "v1-no-relative": ("deberta", dict(relative_attention=False, pos_att_type=["c2p"]), (11,)),
-    "v3": ("deberta-v2", V3, (6, 9, 17, 40, 100)),
-    "v3-256-buckets": (
-        "deberta-v2",
-        {
-            **V3,
-            "position_buckets": 256,
-            "max_position_embeddings": 512,
-            "hidden_size": 8,
-            "num_attention_heads": 2,
-            "num_hidden_layers": 1,
-            "intermediate_size": 16,
-        },
-        (512,),
-    ),
-    "v2-separate-keys-conv-proj": (
-        "deberta-v2",
-        dict(
-            relative_attention=True,
-            pos_att_type="c2p|p2c",
-            share_att_key=False,
-            conv_kernel_size=3,
-            conv_groups=2,
-            conv_act="gelu",
-            embedding_size=24,
-            position_biased_input=True,
-            type_vocab_size=2,
-            max_relative_positions=12,
-        ),
-        (7, 20),
-    ),
-    "v2-c2p-only": ("deberta-v2", {**V3, "pos_att_type": ["c2p"], "share_att_key": False}, (12, 33)),
-    "v2-p2c-only": ("deberta-v2", {**V3, "pos_att_type": ["p2c"]}, (12, 33)),
-    "v2-no-relative": (
-        "deberta-v2",
-        dict(relative_attention=False, pos_att_type=["c2p", "p2c"], norm_rel_ebd="layer_norm"),
-        (10,),
-    ),
-}
-REFERENCE_CLASSES = {
-    "deberta": transformers.DebertaForSequenceClassification,
-    "deberta-v2": transformers.DebertaV2ForSequenceClassification,
-}
-
-
-def reference_model(model_type: str, overrides: dict, seed: int = 0) -> torch.nn.Module:
-    """A random transformers model with large-std weights (every bias too), in eval mode."""
-    torch.manual_seed(seed)
-    config = transformers.AutoConfig.for_model(model_type, **{**TINY, **overrides})
-    model = REFERENCE_CLASSES[model_type](config)
-    init_large_std(model, seed=seed)
-    return model.eval()
 
 
 def state_dict(model: torch.nn.Module) -> dict[str, np.ndarray]:
@@ -536,7 +450,7 @@ def test_cross_encoder_matches_sentence_transformers(which, request):
 
 @pytest.mark.parametrize("which", ["v3_dir", "v1_dir"])
 def test_mixed_lengths_compile_once_per_bucket(which, request):
-    from conftest import count_compiles
+    from support import count_compiles
 
     from flax_ce import CrossEncoder
     from flax_ce.engine import plan_batches

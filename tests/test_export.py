@@ -11,15 +11,14 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from checkpoints import init_large_std, sample_pairs, set_config
-from conftest import TOLERANCE
+from checkpoints import CASES, TINY, build_deberta, sample_pairs, set_config
 from flax import nnx
 from flax_ce.conversion.convert import torch_state_dict
-from test_deberta import CASES, REFERENCE_CLASSES, TINY
+from support import TOLERANCE
 
 from flax_ce import CrossEncoder
 from flax_ce.activations import SCORE_ACTIVATIONS
-from flax_ce.models import build_model, config_from_dict, family_of
+from flax_ce.models import FAMILIES, build_model, config_from_dict, family_of
 
 MAX_LENGTH = 64
 DEBERTA = {"deberta-v1": "v1", "deberta-v3": "v3", "deberta-v2-conv": "v2-separate-keys-conv-proj"}
@@ -32,23 +31,6 @@ ACTIVATIONS = {
     "deberta-v3": None,
     "deberta-v2-conv": "Sigmoid",
 }
-
-
-def build_deberta(path: str, case: str, tokenizer_dir: str) -> str:
-    """A random DeBERTa checkpoint (large-std weights) with the BERT test tokenizer: export only needs
-    the weights and config to be DeBERTa's."""
-    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
-    model_type, overrides, _ = CASES[case]
-    torch.manual_seed(0)
-    config = transformers.AutoConfig.for_model(
-        model_type,
-        **{**TINY, **overrides, "vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id},
-    )
-    model = REFERENCE_CLASSES[model_type](config)
-    init_large_std(model)
-    model.eval().save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -208,3 +190,11 @@ def test_activation_names_cover_score_activations():
 
     for fn in SCORE_ACTIVATIONS.values():
         assert activation_from_name(torch_name(fn)) is fn
+
+
+def test_round_trips_cover_every_registered_family(source_dirs):
+    covered = set()
+    for name in ACTIVATIONS:
+        with open(os.path.join(source_dirs[name], "config.json")) as f:
+            covered.add(json.load(f)["model_type"])
+    assert covered == set(FAMILIES)
