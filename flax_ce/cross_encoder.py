@@ -15,7 +15,13 @@ from tqdm.auto import tqdm
 
 from flax_ce.activations import SCORE_ACTIVATIONS, activation_from_name
 from flax_ce.config import ConfigError
-from flax_ce.engine import DEFAULT_TOKEN_BUDGET, ScoringEngine, make_mesh, planned_shapes
+from flax_ce.engine import (
+    DEFAULT_TOKEN_BUDGET,
+    ScoringEngine,
+    make_mesh,
+    planned_shapes,
+    use_default_compilation_cache,
+)
 from flax_ce.export import save_pretrained
 from flax_ce.hub import resolve_model_dir
 from flax_ce.inputs import check_positive, check_text, normalise_pairs, shorten_long_texts
@@ -139,7 +145,10 @@ class CrossEncoder:
         token: str | bool | None = None,
         local_files_only: bool = False,
         cache_folder: str | None = None,
+        compilation_cache: bool = True,
     ):
+        if compilation_cache:  # before anything compiles, so every program of this model is cached
+            use_default_compilation_cache()
         if cache_folder is not None:  # sentence-transformers' name for it
             if cache_dir is not None:
                 raise TypeError(

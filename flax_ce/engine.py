@@ -132,14 +132,38 @@ jax.monitoring.register_event_listener(_count_event)
 jax.monitoring.register_event_duration_secs_listener(_count_event)
 
 
+COMPILATION_CACHE_ENV = "FLAX_CE_COMPILATION_CACHE"  # "0" (or false/no/off) opts out of the default cache
+
+
+def default_compilation_cache_dir() -> str:
+    """Where the default persistent compilation cache lives: $XDG_CACHE_HOME (or ~/.cache)/flax_ce/jax."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "flax_ce", "jax")
+
+
 def enable_compilation_cache(path: str | os.PathLike | None = None) -> str:
-    """Opt-in persistent XLA compilation cache (default ~/.cache/flax_ce/jax); returns its directory."""
-    path = os.fspath(path or os.path.join(os.path.expanduser("~"), ".cache", "flax_ce", "jax"))
+    """Persistent XLA compilation cache in `path` (default: default_compilation_cache_dir()), caching
+    every program however fast it compiled; returns its directory."""
+    path = os.fspath(path or default_compilation_cache_dir())
     os.makedirs(path, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
     return path
+
+
+def use_default_compilation_cache() -> str | None:
+    """Turn on the default cache unless FLAX_CE_COMPILATION_CACHE=0 or a cache directory is already
+    configured (which is left as it is); returns the directory in use, or None."""
+    if os.environ.get(COMPILATION_CACHE_ENV, "").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    if jax.config.jax_compilation_cache_dir:
+        return jax.config.jax_compilation_cache_dir
+    try:
+        return enable_compilation_cache()
+    except OSError as e:  # a read-only home must not stop scoring; it only costs compile time
+        logger.warning("persistent compilation cache disabled: %s", e)
+        return None
 
 
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh | None:

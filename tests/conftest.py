@@ -14,6 +14,8 @@ import checkpoints  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Processes the tests start must not fill the user's default compilation cache (~/.cache/flax_ce/jax).
+os.environ["FLAX_CE_COMPILATION_CACHE"] = "0"
 
 
 def pytest_configure(config):

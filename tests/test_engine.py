@@ -189,25 +189,54 @@ def test_two_processes_under_jax_distributed(bert_dir):
     assert np.abs(combined - CrossEncoder(bert_dir).predict(PAIRS)).max() <= 1e-5
 
 
-CACHED = """
+DEFAULT_CACHE = """
 import json, sys
 import flax_ce
 from flax_ce.engine import enable_compilation_cache
-enable_compilation_cache(sys.argv[2])
-ce = flax_ce.CrossEncoder(sys.argv[1])
-scores = ce.predict(json.loads(sys.argv[3]))
+if sys.argv[3]:  # the user's own cache directory, set before flax_ce would choose one
+    enable_compilation_cache(sys.argv[3])
+ce = flax_ce.CrossEncoder(sys.argv[1], compilation_cache=sys.argv[2] == "on")
+scores = ce.predict(json.loads(sys.argv[4]))
 print(json.dumps({"xla_compiles": ce.engine.xla_compiles, "programs": ce.engine.compile_count,
-                  "seconds": ce.engine.compile_seconds, "scores": scores.tolist()}))
+                  "scores": scores.tolist()}))
 """
 
 
-def test_persistent_cache_second_process_compiles_nothing(bert_dir, tmp_path):
-    cache = str(tmp_path / "jax-cache")
-    first = _run(CACHED, bert_dir, cache, json.dumps(PAIRS))
-    second = _run(CACHED, bert_dir, cache, json.dumps(PAIRS))
+def _run_default_cache(bert_dir, home, argument="on", user_dir="", env_switch=None) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "FLAX_CE_COMPILATION_CACHE"}
+    env["XDG_CACHE_HOME"] = str(home)
+    if env_switch is not None:
+        env["FLAX_CE_COMPILATION_CACHE"] = env_switch
+    result = subprocess.run(
+        [sys.executable, "-c", DEFAULT_CACHE, bert_dir, argument, user_dir, json.dumps(PAIRS[:8])],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_default_compilation_cache_second_process_loads(bert_dir, tmp_path):
+    first = _run_default_cache(bert_dir, tmp_path)
+    second = _run_default_cache(bert_dir, tmp_path)
     assert first["xla_compiles"] == first["programs"] >= 1
     assert second["programs"] == first["programs"] and second["xla_compiles"] == 0
     assert second["scores"] == first["scores"]
+    assert os.listdir(tmp_path / "flax_ce" / "jax")
+
+
+@pytest.mark.parametrize("how", ["environment", "argument", "user-configured"])
+def test_default_compilation_cache_opt_out(bert_dir, tmp_path, how):
+    user_dir = str(tmp_path / "mine") if how == "user-configured" else ""
+    argument = "off" if how == "argument" else "on"
+    env_switch = "0" if how == "environment" else None
+    run = _run_default_cache(bert_dir, tmp_path, argument, user_dir, env_switch)
+    assert run["xla_compiles"] == run["programs"] >= 1
+    assert not (tmp_path / "flax_ce").exists()
+    if user_dir:
+        assert os.listdir(user_dir)
 
 
 def _kendall_tau(a, b) -> float:
