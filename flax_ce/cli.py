@@ -58,7 +58,12 @@ def read_pairs_file(path: str) -> list[list[str]]:
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="local model directory or Hugging Face hub id")
     parser.add_argument("--max-length", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="at most this many pairs per forward pass (default: batches planned by the token budget)",
+    )
     parser.add_argument("--activation", default=None, help="torch activation name, e.g. torch.nn.Identity")
 
 

@@ -34,6 +34,9 @@ from flax_ce.inputs import check_positive, normalise_pairs, shorten_long_texts
 FP32_TOLERANCE = 1e-4
 BF16_RELATIVE_TOLERANCE = 2**-4
 DTYPES = ("float32", "bfloat16")
+# The reference's pairs per forward when no batch_size is given (the layer-by-layer comparison holds
+# every stage of a batch in memory).
+REFERENCE_BATCH_SIZE = 16
 DEFAULT_N = 32
 
 _LONG_TEXT = " ".join(
@@ -390,7 +393,7 @@ def check(
     dtype: str = "float32",
     layers: bool = False,
     max_length: int | None = None,
-    batch_size: int = 16,
+    batch_size: int | None = None,
     flax_model: str | os.PathLike | CrossEncoder | None = None,
 ) -> ParityReport:
     """Score the same pairs with sentence-transformers (PyTorch, fp32) and flax_ce, and compare.
@@ -398,11 +401,13 @@ def check(
     `pairs` defaults to `builtin_pairs(n)`; given pairs are cut to the first `n`. `flax_model` replaces
     our side: another directory (e.g. a re-saved copy) or an already loaded `flax_ce.CrossEncoder`.
     With `layers`, hidden states are compared stage by stage to name the first that diverges.
+    `batch_size` is the pairs per forward pass on both sides; None: flax_ce plans batches by its token
+    budget and the reference runs batches of REFERENCE_BATCH_SIZE.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     check_positive("n", n, allow_none=True)
-    check_positive("batch_size", batch_size)
+    check_positive("batch_size", batch_size, allow_none=True)
     check_positive("max_length", max_length, allow_none=True)
     pairs = builtin_pairs(n or DEFAULT_N) if pairs is None else normalise_pairs(pairs)[0][:n]
     if not pairs:
@@ -411,16 +416,17 @@ def check(
     # The reference tokenizer would need memory ~ the product of two very long texts' lengths; cut
     # them as flax_ce does, to prefixes that truncate to the same tokens.
     reference_pairs = shorten_long_texts(st.tokenizer, pairs, st.max_length)
+    reference_batch = batch_size or REFERENCE_BATCH_SIZE
 
     theirs = np.asarray(
-        st.predict(reference_pairs, batch_size=batch_size, show_progress_bar=False), np.float32
+        st.predict(reference_pairs, batch_size=reference_batch, show_progress_bar=False), np.float32
     )
     with _precision(dtype):
         scores = np.asarray(ours.predict(pairs, batch_size=batch_size), np.float32)
         our_logits = ours.logits(pairs, batch_size=batch_size)
     if scores.shape != theirs.shape:
         raise ValueError(f"score shapes differ: flax_ce {scores.shape}, reference {theirs.shape}")
-    ref_logits, per_layer = _compare_forward(ours, st, reference_pairs, batch_size, dtype, layers)
+    ref_logits, per_layer = _compare_forward(ours, st, reference_pairs, reference_batch, dtype, layers)
     tolerance = tolerance_for(dtype, float(np.abs(ref_logits).max()))
     diff = np.abs(scores - theirs)
     logit_diff = float(np.abs(our_logits - ref_logits).max())
@@ -465,7 +471,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", action="store_true", help="compare hidden states layer by layer")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--max-length", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="pairs per forward pass on both sides "
+        f"(default: flax_ce's token budget; the reference {REFERENCE_BATCH_SIZE})",
+    )
     parser.add_argument(
         "--flax-model",
         metavar="DIR",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import numpy as np
@@ -9,7 +10,7 @@ from checkpoints import sample_pairs
 from support import TOLERANCE
 
 from flax_ce import CrossEncoder
-from flax_ce.cli import main
+from flax_ce.cli import commands, main
 
 
 def test_predict_from_jsonl(bert_dir, tmp_path, capsys):
@@ -51,3 +52,12 @@ def test_errors_exit_2(bert_dir, roberta_dir, tmp_path, capsys):
     assert main(["rank", roberta_dir, "--query", "q", "--documents", "d"]) == 2
     assert "num_labels=1" in capsys.readouterr().err
     assert main(["predict", str(tmp_path / "missing" / "x" / "y"), "--pair", "a", "b"]) == 2
+
+
+def test_batch_size_is_not_forced_by_default():
+    """Without --batch-size, predict, rank and parity let flax_ce plan batches by its token budget."""
+    for name, argv in (("predict", ["m"]), ("rank", ["m", "--query", "q"]), ("parity", ["m"])):
+        parser = argparse.ArgumentParser()
+        commands()[name][0](parser)
+        assert parser.parse_args(argv).batch_size is None
+        assert parser.parse_args([*argv, "--batch-size", "32"]).batch_size == 32

@@ -58,5 +58,7 @@ def test_plan_covers_every_input_once_within_budget():
             assert (batch.rows, batch.length) in shapes
             assert all(lengths[i] <= batch.length for i in batch.indices)
             assert batch.rows % kwargs.get("multiple", 1) == 0 and len(batch.indices) <= batch.rows
+            # A given batch_size keeps sentence-transformers' meaning: at most that many pairs per forward.
+            assert len(batch.indices) <= kwargs.get("batch_size", batch.rows)
             if "token_budget" in kwargs and batch.rows > kwargs.get("multiple", 1):
                 assert batch.rows * batch.length <= kwargs["token_budget"]
