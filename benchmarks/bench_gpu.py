@@ -19,9 +19,9 @@ import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
-from bench_cpu import flops_per_pair, timed  # noqa: E402
+from bench_cpu import timed  # noqa: E402
+from models import build_minilm_reranker, flops_per_pair  # noqa: E402
 
 # Dense bf16 peak of the chips the device tool lends (TFLOP/s), for MFU.
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -41,7 +41,6 @@ def main() -> None:
     import jax.numpy as jnp
     import numpy as np
     import torch
-    from checkpoints import build_minilm
     from sentence_transformers import CrossEncoder as STCrossEncoder
     from workload import msmarco_like_pairs
 
@@ -50,7 +49,7 @@ def main() -> None:
     device = jax.devices()[0]
     name = torch.cuda.get_device_name(0)
     peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
-    model_dir = build_minilm(os.path.join(tempfile.mkdtemp(prefix="flax_ce_gpu_"), "minilm"))
+    model_dir = build_minilm_reranker(os.path.join(tempfile.mkdtemp(prefix="flax_ce_gpu_"), "minilm"))
     pairs = msmarco_like_pairs(args.n, seed=0)
 
     st = STCrossEncoder(model_dir, device="cuda", model_kwargs={"torch_dtype": torch.float16})

@@ -43,6 +43,23 @@ def msmarco_like_pairs(n: int, seed: int = 0, long_fraction: float = 0.03) -> li
     return pairs
 
 
+def long_passage_pairs(n: int, seed: int = 0, words: tuple[int, int] = (150, 420)) -> list[tuple[str, str]]:
+    """(query, passage) pairs whose passages join paragraphs to `words` words: the 256-511 token range
+    that MS MARCO-like pairs rarely reach."""
+    rng = random.Random(seed)
+    texts = paragraphs()
+    pairs = []
+    for _ in range(n):
+        target = rng.randint(*words)
+        passage = []
+        while len(passage) < target:
+            passage += rng.choice(texts).split()
+        source = rng.choice(texts).split()
+        start = rng.randrange(max(len(source) - 9, 1))
+        pairs.append((" ".join(source[start : start + rng.randint(3, 9)]), " ".join(passage[:target])))
+    return pairs
+
+
 def ranking_queries(n_queries: int, n_passages: int, seed: int = 0) -> list[tuple[str, list[str]]]:
     """Queries with candidate passages, the first passage being the one the query was cut from."""
     rng = random.Random(seed)
