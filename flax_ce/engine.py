@@ -20,7 +20,7 @@ logger = logging.getLogger("flax_ce")
 LENGTH_BUCKET = 32
 # Batch sizes the planner may choose: a small, fixed menu keeps the set of compiled shapes small.
 BATCH_MENU = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
-DEFAULT_TOKEN_BUDGET = 4096  # best of 2048-16384 on the 2-core CPU benchmark (benchmarks/results/cpu.md)
+DEFAULT_TOKEN_BUDGET = 4096  # best of 2048-16384 on 2 CPU cores (benchmarks/results/cpu.md at 26a75b2)
 PIPELINE_DEPTH = 2  # batches in flight before the host waits for the oldest result
 # Compiled programs kept per engine: more than any one plan's shape set (about 100 with the defaults).
 MAX_PROGRAMS = 256
