@@ -16,6 +16,7 @@ import numpy as np
 
 LONG_DOCUMENT_MODES = ("truncate", "max", "first", "mean")
 DEFAULT_DOCUMENT_OVERLAP = 64
+TOKENIZE_CHUNK = 64  # pairs tokenized together
 
 
 def check_long_documents(mode, overlap) -> None:
@@ -100,7 +101,7 @@ class Windows:
 
     input_ids: list[list[int]]
     token_type_ids: list[list[int]]
-    owner: np.ndarray  # [W] index of the pair a window belongs to (ascending)
+    owner: list[int]  # [W] index of the pair a window belongs to (ascending)
     spans: list[tuple[int, int]]  # [W] character span of the window in the pair's second text
 
 
@@ -124,25 +125,28 @@ def build_windows(tokenizer, pairs: Sequence[tuple[str, str]], max_length: int, 
     """
     template = pair_template(tokenizer)
     specials = len(template.prefix[0]) + len(template.middle[0]) + len(template.suffix[0])
-    firsts = _tokens(tokenizer, [a for a, _ in pairs], offsets=False)["input_ids"]
-    seconds = _tokens(tokenizer, [b for _, b in pairs], offsets=True)
-    ids, types, owner, spans = [], [], [], []
-    for i, (first, second, offsets) in enumerate(
-        zip(firsts, seconds["input_ids"], seconds["offset_mapping"], strict=True)
-    ):
-        if len(first) + len(second) + specials > max_length and len(first) > max_length // 2:
-            first = first[: max_length // 2]
-        room = max_length - len(first) - specials
-        if len(second) > room:
-            _check_room(i, room, overlap, max_length, len(first), specials)
-        for start in window_starts(len(second), room, overlap):
-            end = min(start + room, len(second))
-            row_ids, row_types = template.join(first, second[start:end])
-            ids.append(row_ids)
-            types.append(row_types)
-            owner.append(i)
-            spans.append((offsets[start][0], offsets[end - 1][1]) if end > start else (0, 0))
-    return Windows(ids, types, np.asarray(owner, dtype=np.int64), spans)
+    windows = Windows([], [], [], [])
+    # Tokenizing with offsets costs far more than the windows keep (~0.5 KiB a token): a chunk at a time.
+    for chunk in range(0, len(pairs), TOKENIZE_CHUNK):
+        part = pairs[chunk : chunk + TOKENIZE_CHUNK]
+        firsts = _tokens(tokenizer, [a for a, _ in part], offsets=False)["input_ids"]
+        seconds = _tokens(tokenizer, [b for _, b in part], offsets=True)
+        for i, (first, second, offsets) in enumerate(
+            zip(firsts, seconds["input_ids"], seconds["offset_mapping"], strict=True), start=chunk
+        ):
+            if len(first) + len(second) + specials > max_length and len(first) > max_length // 2:
+                first = first[: max_length // 2]
+            room = max_length - len(first) - specials
+            if len(second) > room:
+                _check_room(i, room, overlap, max_length, len(first), specials)
+            for start in window_starts(len(second), room, overlap):
+                end = min(start + room, len(second))
+                row_ids, row_types = template.join(first, second[start:end])
+                windows.input_ids.append(row_ids)
+                windows.token_type_ids.append(row_types)
+                windows.owner.append(i)
+                windows.spans.append((offsets[start][0], offsets[end - 1][1]) if end > start else (0, 0))
+    return windows
 
 
 def _check_room(pair: int, room: int, overlap: int, max_length: int, first: int, specials: int) -> None:
@@ -162,7 +166,7 @@ def activate(activation_fn: Callable, logits: np.ndarray) -> np.ndarray:
 
 
 def aggregate_windows(
-    logits: np.ndarray, owner: np.ndarray, num_pairs: int, mode: str, activation_fn: Callable
+    logits: np.ndarray, owner: Sequence[int], num_pairs: int, mode: str, activation_fn: Callable
 ) -> tuple[np.ndarray, np.ndarray]:
     """(scores [N, C], chosen window [N]) from window logits [W, C].
 
@@ -170,6 +174,7 @@ def aggregate_windows(
     aggregate the logits per label before the activation. The chosen window is the best one for
     1-label "max" (the first on ties), otherwise the first.
     """
+    owner = np.asarray(owner)
     first = np.searchsorted(owner, np.arange(num_pairs))
     counts = np.bincount(owner, minlength=num_pairs)
     values = activate(activation_fn, logits) if logits.shape[1] == 1 else logits
