@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from checkpoints import build_random, corpus, sample_pairs, save_tokenizer
+from checkpoints import V3, build_random, corpus, reference_model, sample_pairs, save_tokenizer
 
 from flax_ce import CrossEncoder
 from flax_ce.windows import window_starts
@@ -20,11 +20,22 @@ TIGHT = 2e-5  # what our parity tests assert (public promise: TOLERANCE)
 @pytest.fixture(scope="module")
 def checkpoints_by_labels(family_dirs, deberta_dirs, tmp_path_factory) -> dict[tuple[str, int], str]:
     """(family, num_labels) -> checkpoint: the session's fixtures plus the label counts they lack."""
-    from test_deberta import V3, save_checkpoint
-
     root = tmp_path_factory.mktemp("window_checkpoints")
     v3_tokenizer = transformers.AutoTokenizer.from_pretrained(deberta_dirs["deberta-v3"])
     one_label = dict(num_labels=1, id2label={0: "LABEL_0"}, label2id={"LABEL_0": 0})
+    deberta_one_label = str(root / "v3-1")
+    reference_model(
+        "deberta-v2",
+        {
+            **V3,
+            **one_label,
+            "position_buckets": 32,
+            "max_position_embeddings": 128,
+            "vocab_size": len(v3_tokenizer),
+            "pad_token_id": v3_tokenizer.pad_token_id,
+        },
+    ).save_pretrained(deberta_one_label)
+    v3_tokenizer.save_pretrained(deberta_one_label)
     return {
         ("bert", 1): family_dirs["bert"],
         ("bert", 3): build_random("bert", str(root / "bert3"), num_labels=3, seed=1),
@@ -32,9 +43,7 @@ def checkpoints_by_labels(family_dirs, deberta_dirs, tmp_path_factory) -> dict[t
         ("roberta", 3): family_dirs["roberta"],
         ("electra", 1): family_dirs["electra"],
         ("electra", 3): build_random("electra", str(root / "electra3"), num_labels=3, seed=1),
-        ("deberta-v3", 1): save_checkpoint(
-            str(root / "v3-1"), "deberta-v2", v3_tokenizer, {**V3, "position_buckets": 32, **one_label}
-        ),
+        ("deberta-v3", 1): deberta_one_label,
         ("deberta-v3", 3): deberta_dirs["deberta-v3"],
     }
 
