@@ -14,6 +14,8 @@ from flax_ce.config import ConfigReader, LabelsMixin, read_labels
 from flax_ce.conversion.rules import KeyTable, Kind, Rule
 from flax_ce.models.family import Family
 from flax_ce.models.layers import (
+    BLOCK_RULES,
+    LAYER,
     ClassificationHead,
     FeedForward,
     ResidualOutput,
@@ -229,7 +231,6 @@ class BertCrossEncoder(nnx.Module):
         return self.head(self.encode(input_ids, attention_mask, token_type_ids)[-1])
 
 
-LAYER = "encoder.layer.{layer}"
 ENCODER_RULES = (
     Rule("embeddings.word_embeddings", "embeddings.word", Kind.EMBED),
     Rule("embeddings.position_embeddings", "embeddings.position", Kind.EMBED),
@@ -241,11 +242,7 @@ ENCODER_RULES = (
         Kind.LINEAR,
         {"proj": ("query", "key", "value")},
     ),
-    Rule(f"{LAYER}.attention.output.dense", "layers.{layer}.attention.output.dense", Kind.LINEAR),
-    Rule(f"{LAYER}.attention.output.LayerNorm", "layers.{layer}.attention.output.norm", Kind.NORM),
-    Rule(f"{LAYER}.intermediate.dense", "layers.{layer}.ffn.intermediate", Kind.LINEAR),
-    Rule(f"{LAYER}.output.dense", "layers.{layer}.ffn.output.dense", Kind.LINEAR),
-    Rule(f"{LAYER}.output.LayerNorm", "layers.{layer}.ffn.output.norm", Kind.NORM),
+    *BLOCK_RULES,
 )
 DENSE_OUT_PROJ_HEAD = (
     Rule("classifier.dense", "head.dense", Kind.LINEAR),
