@@ -107,6 +107,24 @@ def save_tokenizer(kind: str, path: str, model_max_length: int = 512):
     return tokenizer
 
 
+def save_unigram_tokenizer(path: str, model_max_length: int, vocab_size: int = 700):
+    """Train a sentencepiece-style Unigram vocabulary and save it as XLM-RoBERTa's tokenizer."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    # XLM-RoBERTa's tokenizer expects <s>, <pad>, </s>, <unk> at ids 0-3 (it hard-codes unk_id=3).
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=specials, unk_token="<unk>")
+    tok.train_from_iterator(corpus(), trainer)
+    vocab = [tuple(entry) for entry in json.loads(tok.to_str())["model"]["vocab"]]
+    assert [piece for piece, _ in vocab[:5]] == specials
+    tokenizer = transformers.XLMRobertaTokenizerFast(vocab=vocab, model_max_length=model_max_length)
+    tokenizer.save_pretrained(path)
+    return tokenizer
+
+
 def init_large_std(model, std: float = 0.2, seed: int = 0) -> None:
     """Re-initialise every weight with a large std so attention is peaked and bugs show."""
     import torch
@@ -155,6 +173,32 @@ def build_random(kind: str, path: str, *, num_labels: int = 1, seed: int = 0, **
     init_large_std(model, seed=seed)
     model.eval()
     model.save_pretrained(path)
+    return path
+
+
+def build_xlm_roberta(path: str, *, positions: int = 1026, num_labels: int = 1, seed: int = 0) -> str:
+    """A random XLMRobertaForSequenceClassification with its own Unigram tokenizer; RoBERTa's position
+    offset leaves it `positions - 2` tokens."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    tokenizer = save_unigram_tokenizer(path, model_max_length=positions - 2)
+    config = transformers.XLMRobertaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=positions,
+        type_vocab_size=1,
+        layer_norm_eps=1e-5,
+        pad_token_id=tokenizer.pad_token_id,
+        num_labels=num_labels,
+    )
+    model = transformers.XLMRobertaForSequenceClassification(config)
+    init_large_std(model, seed=seed)
+    model.eval().save_pretrained(path)
     return path
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from checkpoints import init_large_std, sample_pairs, set_config
+from checkpoints import build_xlm_roberta, init_large_std, sample_pairs, set_config
 from conftest import TOLERANCE
 from flax import nnx
 from flax_ce.conversion.convert import torch_state_dict
@@ -19,7 +19,7 @@ from test_deberta import CASES, REFERENCE_CLASSES, TINY
 
 from flax_ce import CrossEncoder
 from flax_ce.activations import SCORE_ACTIVATIONS
-from flax_ce.models import build_model, config_from_dict, family_of
+from flax_ce.models import FAMILIES, build_model, config_from_dict, family_of
 
 MAX_LENGTH = 64
 DEBERTA = {"deberta-v1": "v1", "deberta-v3": "v3", "deberta-v2-conv": "v2-separate-keys-conv-proj"}
@@ -31,6 +31,7 @@ ACTIVATIONS = {
     "deberta-v1": "Softmax",
     "deberta-v3": None,
     "deberta-v2-conv": "Sigmoid",
+    "xlm-roberta": "Tanh",
 }
 
 
@@ -55,6 +56,7 @@ def build_deberta(path: str, case: str, tokenizer_dir: str) -> str:
 def source_dirs(family_dirs, bert_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("deberta")
     built = {name: build_deberta(str(root / name), case, bert_dir) for name, case in DEBERTA.items()}
+    built["xlm-roberta"] = build_xlm_roberta(str(root / "xlm-roberta"), positions=130)
     return {**family_dirs, **built}
 
 
@@ -175,6 +177,7 @@ BERT_LIKE = {
     "bert": transformers.BertConfig(),
     "roberta": transformers.RobertaConfig(),
     "electra": transformers.ElectraConfig(embedding_size=16),
+    "xlm-roberta": transformers.XLMRobertaConfig(),
 }
 
 
@@ -208,3 +211,11 @@ def test_activation_names_cover_score_activations():
 
     for fn in SCORE_ACTIVATIONS.values():
         assert activation_from_name(torch_name(fn)) is fn
+
+
+def test_round_trips_cover_every_registered_family(source_dirs):
+    covered = set()
+    for name in ACTIVATIONS:
+        with open(os.path.join(source_dirs[name], "config.json")) as f:
+            covered.add(json.load(f)["model_type"])
+    assert covered == set(FAMILIES)

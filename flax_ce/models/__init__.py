@@ -18,6 +18,7 @@ FAMILIES: dict[str, Family] = {
     for family in (
         bert.BERT,
         bert.ROBERTA,
+        bert.XLM_ROBERTA,
         bert.ELECTRA,
         deberta.DEBERTA,
         deberta.DEBERTA_V2,
