@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flax_ce.config import ConfigError
-from flax_ce.models import bert, deberta
+from flax_ce.models import bert, deberta, modernbert
 from flax_ce.models.family import Family
 
 FAMILIES: dict[str, Family] = {
@@ -22,6 +22,7 @@ FAMILIES: dict[str, Family] = {
         bert.ELECTRA,
         deberta.DEBERTA,
         deberta.DEBERTA_V2,
+        modernbert.MODERNBERT,
     )
 }
 
