@@ -91,3 +91,18 @@ def test_unsupported_settings_are_listed_at_once():
         "gelu_unknown",
     ):
         assert problem in str(error.value)
+
+
+@pytest.mark.parametrize("length, half, real_lengths", [(200, 8, (200, 150, 3)), (77, 5, (77, 40, 1))])
+def test_banded_attention_equals_the_masked_square_on_real_tokens(length, half, real_lengths):
+    import jax
+    import numpy as np
+
+    from flax_ce.models.modernbert import attention_mask, banded_attention
+
+    rng = np.random.default_rng(0)
+    q, k, v = (2 * rng.standard_normal((3, length, 2, 4)).astype(np.float32) for _ in range(3))
+    key_mask = np.arange(length)[None, :] < np.array(real_lengths)[:, None]
+    full = jax.nn.dot_product_attention(q, k, v, mask=attention_mask(key_mask, 2 * half))
+    band = banded_attention(q, k, v, key_mask, half)
+    assert np.abs(np.asarray(full - band))[key_mask].max() <= 1e-5

@@ -189,6 +189,42 @@ def attention_mask(key_mask: jax.Array, window: int | None) -> jax.Array:
     return mask & band[None, None]
 
 
+def banded_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, half: int) -> jax.Array:
+    """Attention within `half` positions either side, at the window's cost: q, k, v [batch, seq, heads, d].
+
+    Queries go in blocks of `half`; block i sees key blocks i-1, i, i+1 (3 * half keys), which hold every
+    key within reach, and the band mask removes the rest. Softmax over the same keys as the full masked
+    square, so real tokens get the same result; only fully masked (padding) rows spread differently.
+    """
+    batch, length, heads, dim = q.shape
+    blocks = -(-length // half)
+    padded = blocks * half
+
+    def pad(x, before, after):
+        return jnp.pad(x, [(0, 0), (before, after)] + [(0, 0)] * (x.ndim - 2))
+
+    def neighbours(x):
+        # [batch, padded + 2 * half, ...] -> [batch, blocks, 3 * half, ...]: blocks i-1, i, i+1 side by side.
+        x = x.reshape(batch, blocks + 2, half, *x.shape[2:])
+        return jnp.concatenate([x[:, :-2], x[:, 1:-1], x[:, 2:]], axis=2)
+
+    tail = padded - length
+    keys, values = (neighbours(pad(t, half, tail + half)) for t in (k, v))
+    real = neighbours(pad(key_mask, half, tail + half))  # [batch, blocks, 3 * half]
+    query_pos = np.arange(padded).reshape(blocks, half)
+    key_pos = np.stack([np.arange(i * half - half, i * half + 2 * half) for i in range(blocks)])
+    band = np.abs(query_pos[:, :, None] - key_pos[:, None, :]) <= half  # [blocks, half, 3 * half]
+    mask = real[:, :, None, :] & band[None]
+    fold = batch * blocks
+    context = jax.nn.dot_product_attention(
+        pad(q, 0, tail).reshape(fold, half, heads, dim),
+        keys.reshape(fold, 3 * half, heads, dim),
+        values.reshape(fold, 3 * half, heads, dim),
+        mask=mask.reshape(fold, 1, half, 3 * half),
+    )
+    return context.reshape(batch, padded, heads, dim)[:, :length]
+
+
 class Attention(nnx.Module):
     """Packed-QKV attention with rotary q/k; full, or within the sliding window on local layers."""
 
@@ -210,17 +246,21 @@ class Attention(nnx.Module):
         q, k, v = (split_heads(t, self.num_heads) for t in (q, k, v))
         cos, sin = (jnp.asarray(t) for t in rotary_tables(length, q.shape[-1], self.theta))
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-        mask = attention_mask(key_mask, self.window)
         if self.attention_dropout.rate > 0 and not self.attention_dropout.deterministic:
-            scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
-            scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
-            probs = self.attention_dropout(
-                jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(q.dtype)
-            )
-            context = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+            context = self._attention_with_dropout(q, k, v, attention_mask(key_mask, self.window))
+        elif self.window is not None and self.window // 2 >= 1 and length > 4 * self.window:
+            # Several windows long: the band costs what the window costs; shorter, the full square is cheaper.
+            context = banded_attention(q, k, v, key_mask, self.window // 2)
         else:
-            context = jax.nn.dot_product_attention(q, k, v, mask=mask)
+            context = jax.nn.dot_product_attention(q, k, v, mask=attention_mask(key_mask, self.window))
         return self.out_dropout(self.Wo(context.reshape(batch, length, hidden)))
+
+    def _attention_with_dropout(self, q, k, v, mask: jax.Array) -> jax.Array:
+        """Explicit softmax attention so dropout can act on the probabilities (training only)."""
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
+        scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
+        probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(q.dtype)
+        return jnp.einsum("bhqk,bkhd->bqhd", self.attention_dropout(probs), v)
 
 
 class GatedFeedForward(nnx.Module):
