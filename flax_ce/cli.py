@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable
 
 from flax_ce.inputs import check_pair
+from flax_ce.windows import DEFAULT_DOCUMENT_OVERLAP, LONG_DOCUMENT_MODES
 
 # Subcommands: name -> (add_arguments, run). Other modules register theirs in `commands()`.
 Command = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
@@ -60,6 +61,14 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-length", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--activation", default=None, help="torch activation name, e.g. torch.nn.Identity")
+    parser.add_argument(
+        "--long-documents",
+        choices=LONG_DOCUMENT_MODES,
+        default="truncate",
+        help="second texts over max-length: truncate (as sentence-transformers) or score overlapping "
+        "windows and take their max, first or mean",
+    )
+    parser.add_argument("--document-overlap", type=int, default=DEFAULT_DOCUMENT_OVERLAP, metavar="TOKENS")
 
 
 def _add_predict(parser: argparse.ArgumentParser) -> None:
@@ -101,6 +110,8 @@ def _run_predict(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         apply_softmax=args.softmax,
         show_progress_bar=len(pairs) >= PROGRESS_THRESHOLD,
+        long_documents=args.long_documents,
+        document_overlap=args.document_overlap,
     )
     labels = ce.config.labels
     for pair, score in zip(pairs, scores, strict=True):
@@ -131,6 +142,8 @@ def _run_rank(args: argparse.Namespace) -> int:
         return_documents=True,
         batch_size=args.batch_size,
         show_progress_bar=len(documents) >= PROGRESS_THRESHOLD,
+        long_documents=args.long_documents,
+        document_overlap=args.document_overlap,
     )
     print(json.dumps(ranked, ensure_ascii=False, indent=2))
     return 0

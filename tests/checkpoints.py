@@ -12,6 +12,8 @@ import shutil
 import string
 
 import numpy as np
+import torch
+import transformers
 
 
 def corpus() -> list[str]:
@@ -348,3 +350,169 @@ def resave_as(path: str, out: str, fmt: str) -> str:
     else:
         raise ValueError(fmt)
     return out
+
+
+# DeBERTa configurations the tests cover, and random transformers models built from them.
+LABELS = {0: "contradiction", 1: "entailment", 2: "neutral"}
+TINY = dict(
+    vocab_size=97,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=37,
+    max_position_embeddings=64,
+    num_labels=3,
+    id2label=LABELS,
+    label2id={v: k for k, v in LABELS.items()},
+)
+# The v3 recipe (position buckets, shared keys, normed relative table, no absolute positions), with
+# 16 buckets so that short sequences already cross buckets // 2 and the relative range (64).
+V3 = dict(
+    relative_attention=True,
+    position_buckets=16,
+    share_att_key=True,
+    norm_rel_ebd="layer_norm",
+    pos_att_type=["p2c", "c2p"],
+    type_vocab_size=0,
+    position_biased_input=False,
+    max_relative_positions=-1,
+)
+# name -> (model_type, config overrides, sequence lengths to test)
+CASES = {
+    "v1": (
+        "deberta",
+        dict(relative_attention=True, pos_att_type="c2p|p2c", position_biased_input=False),
+        (9, 30),
+    ),
+    "v1-max-relative-6": (
+        "deberta",
+        dict(
+            relative_attention=True,
+            pos_att_type=["c2p", "p2c"],
+            max_relative_positions=6,
+            position_biased_input=True,
+            type_vocab_size=2,
+        ),
+        (5, 24),
+    ),
+    "v1-no-relative": ("deberta", dict(relative_attention=False, pos_att_type=["c2p"]), (11,)),
+    "v3": ("deberta-v2", V3, (6, 9, 17, 40, 100)),
+    "v3-256-buckets": (
+        "deberta-v2",
+        {
+            **V3,
+            "position_buckets": 256,
+            "max_position_embeddings": 512,
+            "hidden_size": 8,
+            "num_attention_heads": 2,
+            "num_hidden_layers": 1,
+            "intermediate_size": 16,
+        },
+        (512,),
+    ),
+    "v2-separate-keys-conv-proj": (
+        "deberta-v2",
+        dict(
+            relative_attention=True,
+            pos_att_type="c2p|p2c",
+            share_att_key=False,
+            conv_kernel_size=3,
+            conv_groups=2,
+            conv_act="gelu",
+            embedding_size=24,
+            position_biased_input=True,
+            type_vocab_size=2,
+            max_relative_positions=12,
+        ),
+        (7, 20),
+    ),
+    "v2-c2p-only": ("deberta-v2", {**V3, "pos_att_type": ["c2p"], "share_att_key": False}, (12, 33)),
+    "v2-p2c-only": ("deberta-v2", {**V3, "pos_att_type": ["p2c"]}, (12, 33)),
+    "v2-no-relative": (
+        "deberta-v2",
+        dict(relative_attention=False, pos_att_type=["c2p", "p2c"], norm_rel_ebd="layer_norm"),
+        (10,),
+    ),
+}
+REFERENCE_CLASSES = {
+    "deberta": transformers.DebertaForSequenceClassification,
+    "deberta-v2": transformers.DebertaV2ForSequenceClassification,
+}
+
+
+def reference_model(model_type: str, overrides: dict, seed: int = 0):
+    """A random transformers model with large-std weights (every bias too), in eval mode."""
+    torch.manual_seed(seed)
+    config = transformers.AutoConfig.for_model(model_type, **{**TINY, **overrides})
+    model = REFERENCE_CLASSES[model_type](config)
+    init_large_std(model, seed=seed)
+    return model.eval()
+
+
+def build_deberta(path: str, case: str, tokenizer_dir: str) -> str:
+    """A random DeBERTa checkpoint (large-std weights) with the BERT test tokenizer: export only needs
+    the weights and config to be DeBERTa's."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    model_type, overrides, _ = CASES[case]
+    torch.manual_seed(0)
+    config = transformers.AutoConfig.for_model(
+        model_type,
+        **{**TINY, **overrides, "vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id},
+    )
+    model = REFERENCE_CLASSES[model_type](config)
+    init_large_std(model)
+    model.eval().save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+# Tokenizers and checkpoint directories, as published models ship them.
+
+SPECIAL_TOKENS = ["[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"]
+
+
+def train_sentencepiece(path: str) -> str:
+    """A DeBERTa-v3-style unigram spm.model: [PAD]=0, [CLS]=1, [SEP]=2, [UNK]=3, [MASK] user-defined."""
+    import sentencepiece
+
+    os.makedirs(path, exist_ok=True)
+    text = os.path.join(path, "corpus.txt")
+    with open(text, "w", encoding="utf-8") as f:
+        f.write("\n".join(corpus()))
+    sentencepiece.SentencePieceTrainer.train(
+        input=text,
+        model_prefix=os.path.join(path, "spm"),
+        vocab_size=500,
+        model_type="unigram",
+        pad_id=0,
+        bos_id=1,
+        eos_id=2,
+        unk_id=3,
+        pad_piece="[PAD]",
+        bos_piece="[CLS]",
+        eos_piece="[SEP]",
+        unk_piece="[UNK]",
+        user_defined_symbols=["[MASK]"],
+        minloglevel=2,
+    )
+    os.remove(text)
+    os.remove(os.path.join(path, "spm.vocab"))
+    return os.path.join(path, "spm.model")
+
+
+def train_byte_bpe(path: str) -> None:
+    """A GPT-2-style byte-level BPE (vocab.json + merges.txt) with DeBERTa's special tokens first."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    os.makedirs(path, exist_ok=True)
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(corpus(), vocab_size=500, special_tokens=SPECIAL_TOKENS)
+    bpe.save_model(path)
+
+
+def save_checkpoint(path: str, model_type: str, tokenizer, overrides: dict) -> str:
+    """A random ...ForSequenceClassification saved with `save_pretrained`, beside its tokenizer."""
+    overrides = {**overrides, "vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id}
+    reference_model(model_type, {**overrides, "max_position_embeddings": 128}).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 
@@ -15,8 +14,6 @@ import checkpoints  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-TOLERANCE = 2e-5  # measured errors are about 1e-6; a tanh-GELU slip (up to 4.7e-4) must fail
 
 
 def pytest_configure(config):
@@ -57,9 +54,9 @@ def minilm_dir(ckpt_root):
 
 @pytest.fixture(scope="session")
 def deberta_dirs(tmp_path_factory) -> dict[str, str]:
-    """Tiny DeBERTa v1 and v3 checkpoints with trained tokenizers, as test_deberta builds them."""
+    """Tiny DeBERTa v1 and v3 checkpoints with trained tokenizers."""
     import transformers
-    from test_deberta import V3, save_checkpoint, train_byte_bpe, train_sentencepiece
+    from checkpoints import V3, save_checkpoint, train_byte_bpe, train_sentencepiece
 
     root = tmp_path_factory.mktemp("deberta_checkpoints")
     train_sentencepiece(str(root / "spm"))
@@ -85,21 +82,3 @@ def fp32_matmuls():
     """Parity is measured in full fp32 (XLA's default may use lower-precision passes on accelerators)."""
     with jax.default_matmul_precision("float32"):
         yield
-
-
-@contextlib.contextmanager
-def count_compiles():
-    """Counts XLA backend compilations inside the block: `with count_compiles() as n: ...; n[0]`."""
-    from jax._src import dispatch, monitoring
-
-    counter = [0]
-
-    def listener(event, duration, **kwargs):
-        if event == dispatch.BACKEND_COMPILE_EVENT:
-            counter[0] += 1
-
-    monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield counter
-    finally:
-        monitoring.unregister_event_duration_listener(listener)

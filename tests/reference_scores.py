@@ -6,7 +6,7 @@ import random
 
 import numpy as np
 from checkpoints import corpus
-from conftest import TOLERANCE
+from support import TOLERANCE
 
 from flax_ce import CrossEncoder
 

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 from checkpoints import sample_pairs, set_config
-from conftest import TOLERANCE
+from support import TOLERANCE
 
 from flax_ce import CrossEncoder
 from flax_ce.activations import activation_from_name, torch_name

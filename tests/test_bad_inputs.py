@@ -11,7 +11,7 @@ import shutil
 import numpy as np
 import pytest
 from checkpoints import corpus, resave_as
-from conftest import TOLERANCE
+from support import TOLERANCE
 
 from flax_ce import CheckpointError, CrossEncoder, load
 from flax_ce.cli import main

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from checkpoints import sample_pairs
-from conftest import TOLERANCE
+from support import TOLERANCE
 
 from flax_ce import CrossEncoder
 from flax_ce.cli import main
@@ -51,3 +52,32 @@ def test_errors_exit_2(bert_dir, roberta_dir, tmp_path, capsys):
     assert main(["rank", roberta_dir, "--query", "q", "--documents", "d"]) == 2
     assert "num_labels=1" in capsys.readouterr().err
     assert main(["predict", str(tmp_path / "missing" / "x" / "y"), "--pair", "a", "b"]) == 2
+
+
+def test_long_documents(bert_dir, roberta_dir, capsys):
+    docs = [b for _, b in sample_pairs(8, long_every=2)][::2]
+    args = ["--max-length", "32", "--long-documents", "max", "--document-overlap", "4"]
+    assert main(["rank", bert_dir, "--query", "what is a list", "--documents", *docs, *args]) == 0
+    ranked = json.loads(capsys.readouterr().out)
+    expected = CrossEncoder(bert_dir, max_length=32).rank(
+        "what is a list", docs, return_documents=True, long_documents="max", document_overlap=4
+    )
+    assert [(r["corpus_id"], r["window"]) for r in ranked] == [
+        (r["corpus_id"], r["window"]) for r in expected
+    ]
+    assert (
+        main(
+            ["predict", roberta_dir, "--pair", "a cat", " ".join(docs), *args[:2], "--long-documents", "mean"]
+        )
+        == 2
+    )
+    assert "document_overlap=64 must be smaller than the room" in capsys.readouterr().err
+    assert main(["predict", roberta_dir, "--pair", "a cat", "a dog", "--document-overlap", "-1"]) == 2
+    assert "document_overlap must be an integer >= 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", bert_dir, "--pair", "a", "b", "--long-documents", "maxp"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'maxp'" in err and all(
+        repr(m) in err for m in ("truncate", "max", "first", "mean")
+    )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 from checkpoints import sample_pairs
-from conftest import count_compiles
+from support import count_compiles
 
 from flax_ce import CrossEncoder
 from flax_ce.engine import bucket_length, plan_batches, planned_shapes

@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from checkpoints import corpus, sample_pairs
-from conftest import count_compiles
 from flax import nnx
+from support import count_compiles
 
 from flax_ce import CrossEncoder
 

@@ -11,11 +11,18 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from checkpoints import build_modernbert, build_xlm_roberta, init_large_std, sample_pairs, set_config
-from conftest import TOLERANCE
+from checkpoints import (
+    CASES,
+    TINY,
+    build_deberta,
+    build_modernbert,
+    build_xlm_roberta,
+    sample_pairs,
+    set_config,
+)
 from flax import nnx
 from flax_ce.conversion.convert import torch_state_dict
-from test_deberta import CASES, REFERENCE_CLASSES, TINY
+from support import TOLERANCE
 
 from flax_ce import CrossEncoder
 from flax_ce.activations import SCORE_ACTIVATIONS
@@ -34,23 +41,6 @@ ACTIVATIONS = {
     "xlm-roberta": "Tanh",
     "modernbert": None,
 }
-
-
-def build_deberta(path: str, case: str, tokenizer_dir: str) -> str:
-    """A random DeBERTa checkpoint (large-std weights) with the BERT test tokenizer: export only needs
-    the weights and config to be DeBERTa's."""
-    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
-    model_type, overrides, _ = CASES[case]
-    torch.manual_seed(0)
-    config = transformers.AutoConfig.for_model(
-        model_type,
-        **{**TINY, **overrides, "vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id},
-    )
-    model = REFERENCE_CLASSES[model_type](config)
-    init_large_std(model)
-    model.eval().save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from checkpoints import sample_pairs
-from conftest import TOLERANCE
 from flax import nnx
+from support import TOLERANCE
 
 import flax_ce
 

@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 from checkpoints import resave_as, sample_pairs
-from conftest import TOLERANCE
+from support import TOLERANCE
 
 from flax_ce import CrossEncoder
 

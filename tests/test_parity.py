@@ -7,7 +7,7 @@ import functools
 import numpy as np
 import pytest
 from checkpoints import resave_as, sample_pairs
-from conftest import TOLERANCE
+from support import TOLERANCE
 
 from flax_ce import CrossEncoder
 

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 from checkpoints import sample_pairs
-from conftest import TOLERANCE
+from support import TOLERANCE
 
 from flax_ce import CrossEncoder
 from flax_ce.cli import main

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 from checkpoints import sample_pairs
-from conftest import TOLERANCE
+from support import TOLERANCE
 
 from flax_ce import CrossEncoder
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from checkpoints import corpus
-from conftest import TOLERANCE
 from flax import nnx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import TOLERANCE
 
 from flax_ce import CrossEncoder, score
 

@@ -16,8 +16,8 @@ import optax
 import pytest
 import torch
 from checkpoints import build_random, corpus, sample_pairs
-from conftest import count_compiles
 from flax import nnx
+from support import count_compiles
 
 from flax_ce import CrossEncoder
 from flax_ce.evaluation import ClassificationEvaluator
