@@ -1,4 +1,4 @@
-"""`flax-ce` command line: predict, rank (and the subcommands other modules register)."""
+"""`flax-ce` command line: predict, rank, score (and the subcommands other modules register)."""
 
 from __future__ import annotations
 
@@ -98,11 +98,12 @@ def _run_rank(args: argparse.Namespace) -> int:
 
 def commands() -> dict[str, Command]:
     """All subcommands, including those of optional modules."""
-    from flax_ce import demo, parity
+    from flax_ce import corpus, demo, parity
 
     return {
         "predict": (_add_predict, _run_predict),
         "rank": (_add_rank, _run_rank),
+        "score": (corpus.add_arguments, corpus.run),
         "parity": (parity.add_arguments, parity.run),
         "demo": (demo.add_arguments, demo.run),
     }
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return table[args.command][1](args)
-    except (ValueError, TypeError, OSError) as e:
+    except (ValueError, TypeError, OSError, ImportError) as e:
         print(f"flax-ce {args.command}: error: {e}", file=sys.stderr)
         return 2
 
