@@ -17,7 +17,7 @@ from checkpoints import sample_pairs
 
 from flax_ce import CrossEncoder
 from flax_ce.cli import main
-from flax_ce.corpus import KILL_AT_ENV, JobFiles
+from flax_ce.corpus_job import KILL_AT_ENV, JobDirectory
 
 pa = pytest.importorskip("pyarrow")
 parquet = pytest.importorskip("pyarrow.parquet")
@@ -133,7 +133,7 @@ def test_sigkill_anywhere_then_rerun_gives_every_row_once(bert_dir, corpus_input
         done = subprocess.run(command, env=subprocess_env(**{KILL_AT_ENV: point}), capture_output=True)
         assert done.returncode == -signal.SIGKILL, done.stderr.decode()[-2000:]
         if committed is not None:
-            assert sorted(JobFiles(str(output)).committed()) == committed
+            assert sorted(JobDirectory(str(output)).committed()) == committed
             assert not output.exists()
     assert output.exists() and workdir.exists()
     assert main(["score", bert_dir, corpus_input, "--output", str(output), *OPTIONS]) == 0
@@ -191,9 +191,10 @@ def free_port() -> int:
 def test_two_processes_equal_one(bert_dir, corpus_input, uninterrupted, tmp_path):
     output = str(tmp_path / "out.jsonl")
     coordinator = f"127.0.0.1:{free_port()}"
+    options = [o for o in OPTIONS if o != "--quiet"]
     runs = [
         subprocess.Popen(
-            score_command(bert_dir, corpus_input, "-o", output, *OPTIONS, "--coordinator", coordinator)
+            score_command(bert_dir, corpus_input, "-o", output, *options, "--coordinator", coordinator)
             + ["--num-processes", "2", "--process-id", str(i)],
             env=subprocess_env(),
             stderr=subprocess.PIPE,
@@ -202,5 +203,7 @@ def test_two_processes_equal_one(bert_dir, corpus_input, uninterrupted, tmp_path
     ]
     errors = [run.communicate(timeout=300)[1].decode() for run in runs]
     assert [run.returncode for run in runs] == [0, 0], errors
+    # Chunks 0, 2, 4 (8 + 8 + 5 rows) and 1, 3; only process 0 writes the output and the summary.
+    assert "scored 21 + 16 by the processes" in errors[0] and "scored" not in errors[1]
     with open(output, "rb") as f:
         assert f.read() == uninterrupted
