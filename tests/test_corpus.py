@@ -13,7 +13,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from checkpoints import sample_pairs
+from checkpoints import corpus, sample_pairs
 
 from flax_ce import CrossEncoder
 from flax_ce.cli import main
@@ -207,3 +207,33 @@ def test_two_processes_equal_one(bert_dir, corpus_input, uninterrupted, tmp_path
     assert "scored 21 + 16 by the processes" in errors[0] and "scored" not in errors[1]
     with open(output, "rb") as f:
         assert f.read() == uninterrupted
+
+
+def peak_rss_mib(command: list[str]) -> float:
+    """Peak resident memory of a subprocess (MiB), which must succeed."""
+    process = subprocess.Popen(command, env=subprocess_env(), stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(process.pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, process.stderr.read().decode()[-2000:]
+    return usage.ru_maxrss / 1024
+
+
+@pytest.mark.slow
+def test_memory_depends_on_chunk_size_not_on_input_size(bert_dir, tmp_path):
+    sentences = [s for s in corpus() if len(s) < 120]
+    peaks = {}
+    for n in (20_000, 200_000):
+        path = tmp_path / f"in{n}.jsonl"
+        with open(path, "w") as f:
+            for i in range(n):
+                row = {
+                    "query": sentences[i % len(sentences)][:30],
+                    "document": sentences[7 * i % len(sentences)],
+                }
+                f.write(json.dumps(row) + "\n")
+        output = str(tmp_path / f"out{n}.parquet")
+        peaks[n] = peak_rss_mib(
+            score_command(bert_dir, str(path), "-o", output, "--max-length", "32", "--quiet")
+        )
+        assert parquet.read_metadata(output).num_rows == n
+    # Holding 200,000 rows' texts and token ids at once would take hundreds of MiB more.
+    assert peaks[200_000] < peaks[20_000] + 40, peaks
