@@ -77,7 +77,7 @@ def _score_pairs(
             try:
                 ce.predict([pair], **predict_options)
             except ValueError as e:
-                failed[i] = f"{e}"
+                failed[i] = f"{e}".removeprefix("pair 0: ")
         if not failed:
             raise
         kept = [pair for i, pair in enumerate(pairs) if i not in failed]

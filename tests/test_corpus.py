@@ -181,6 +181,21 @@ def test_bad_row_stops_naming_line_then_skip_lists_it(bert_dir, pairs, tmp_path,
     assert len(ids) == 29 and 18 not in ids and 24 not in ids
 
 
+def test_pair_the_tokenizer_refuses_is_a_bad_row(roberta_dir, pairs, tmp_path, capsys):
+    # One 40,000-token "word" on both sides: no cut keeps its truncation, so predict refuses the pair.
+    unscorable = ("ab" * 20_000, "ab" * 20_000)
+    path = write_jsonl(tmp_path / "in.jsonl", [*pairs[:2], unscorable, *pairs[2:4]], ids=False)
+    args = ["score", roberta_dir, path, "--output", str(tmp_path / "out.jsonl"), *OPTIONS]
+    assert main(args) == 2
+    assert f"{path}, line 3: its texts are very long" in capsys.readouterr().err
+    assert main([*args, "--skip-bad-rows"]) == 0
+    assert [r["row"] for r in read_jsonl(tmp_path / "out.jsonl.rejected.jsonl")] == [2]
+    rows = read_jsonl(tmp_path / "out.jsonl")
+    expected = CrossEncoder(roberta_dir, max_length=64).predict(pairs[:4], batch_size=8)
+    assert [r["id"] for r in rows] == [0, 1, 3, 4]
+    assert np.abs(np.array([r["scores"] for r in rows]) - expected).max() <= 1e-5
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
