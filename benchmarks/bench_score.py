@@ -90,6 +90,7 @@ def main() -> None:
         "--chunk-size", type=int, default=2048, help="score's --chunk-size and the loop's slice"
     )
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--single-call", action="store_true", help="also predict all rows in one call")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "score"))
     parser.add_argument(
         "--predict-loop", nargs=4, metavar=("MODEL", "IN", "OUT", "CHUNK"), help=argparse.SUPPRESS
@@ -112,8 +113,9 @@ def main() -> None:
     engines = {
         "flax-ce score": [sys.executable, "-m", "flax_ce.cli", "score", model, input_path, "-o"],
         f"predict loop (slices of {args.chunk_size})": me,
-        "predict (all rows in one call)": me,
     }
+    if args.single_call:
+        engines["predict (all rows in one call)"] = me
     results = {name: [] for name in engines}
     for _ in range(args.repeats):
         for name, command in engines.items():

@@ -29,7 +29,8 @@ DEFAULT_CHUNK_ROWS = 2048
 
 @dataclasses.dataclass(frozen=True)
 class ScoreSummary:
-    """What a finished job did: `scored` counts the rows this run scored (all processes together)."""
+    """What a finished job did. `scored` counts the rows this run scored (all processes together); `rows`
+    (written to OUTPUT) and `rejected` are counted by process 0, which assembles, and are 0 elsewhere."""
 
     output: str
     rows: int
