@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from collections.abc import Callable, Sequence
 
 import jax
@@ -156,6 +157,9 @@ class CrossEncoder:
             self.model_dir, self.config, dtype=dtype, allow_missing=("head.",) if fresh_head else ()
         )
         self.tokenizer = load_tokenizer(self.model_dir)
+        # A fast tokenizer keeps its truncation settings in shared state that every call rewrites, so
+        # threads sharing this instance take turns tokenizing (scoring still runs concurrently).
+        self._tokenizer_lock = threading.Lock()
         # A fresh head on an encoder (e.g. a sentence-transformers bi-encoder) ignores that stack's settings.
         st_settings = {} if fresh_head else sentence_transformers_settings(self.model_dir)
         self.max_length = self._resolve_max_length(
@@ -197,16 +201,17 @@ class CrossEncoder:
         """Token ids (unpadded) for pairs, truncated longest-first to max_length as sentence-transformers does."""
         if not pairs:
             return {"input_ids": [], "token_type_ids": []}
-        pairs = shorten_long_texts(self.tokenizer, pairs, self.max_length)
-        encoded = self.tokenizer(
-            [a for a, _ in pairs],
-            [b for _, b in pairs],
-            truncation="longest_first",
-            max_length=self.max_length,
-            padding=False,
-            return_attention_mask=False,
-            return_token_type_ids=True,
-        )
+        with self._tokenizer_lock:
+            pairs = shorten_long_texts(self.tokenizer, pairs, self.max_length)
+            encoded = self.tokenizer(
+                [a for a, _ in pairs],
+                [b for _, b in pairs],
+                truncation="longest_first",
+                max_length=self.max_length,
+                padding=False,
+                return_attention_mask=False,
+                return_token_type_ids=True,
+            )
         return {"input_ids": encoded["input_ids"], "token_type_ids": encoded.get("token_type_ids")}
 
     def logits(

@@ -478,7 +478,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Exit status: 0 within tolerance, 1 not, 2 when the reference is missing (other errors: cli.main)."""
-    from flax_ce.cli import read_pairs_file
+    from flax_ce.inputs import read_pairs_file
 
     pairs = None
     if args.pairs:
