@@ -278,7 +278,8 @@ class CrossEncoder:
         """(scores [N, num_labels], character span of each pair's chosen window, None for "truncate")."""
         if mode == "truncate":
             return self._scores(pairs, activation_fn, batch_size, show_progress_bar), None
-        windows = build_windows(self.tokenizer, pairs, self.max_length, overlap)
+        with self._tokenizer_lock:  # the fast tokenizer's truncation state is shared, as in tokenize()
+            windows = build_windows(self.tokenizer, pairs, self.max_length, overlap)
         logits = self._run_tokens(
             windows.input_ids,
             windows.token_type_ids,
