@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -19,18 +18,11 @@ from flax_ce.engine import DEFAULT_TOKEN_BUDGET, ScoringEngine, make_mesh, plann
 from flax_ce.export import save_pretrained
 from flax_ce.hub import resolve_model_dir
 from flax_ce.inputs import check_positive, check_text, normalise_pairs, shorten_long_texts
+from flax_ce.json_file import read_json
 from flax_ce.loading import load_model, load_tokenizer, read_config
 from flax_ce.windows import DEFAULT_DOCUMENT_OVERLAP, aggregate_windows, build_windows, check_long_documents
 
 logger = logging.getLogger("flax_ce")
-
-
-def _read_json(path: str):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from e
 
 
 def sentence_transformers_settings(model_dir: str) -> dict:
@@ -41,28 +33,27 @@ def sentence_transformers_settings(model_dir: str) -> dict:
     modules_path = os.path.join(model_dir, "modules.json")
     if not os.path.isfile(modules_path):
         return {}
-    modules = _read_json(modules_path)
+    modules = read_json(modules_path, list, ConfigError)
     if not (
-        isinstance(modules, list)
-        and len(modules) == 1
+        len(modules) == 1
         and isinstance(modules[0], dict)
         and str(modules[0].get("type", "")).endswith("Transformer")
         and modules[0].get("path", "") in ("", ".")
     ):
         raise ConfigError(
             f"{modules_path}: only a single Transformer module at the root is supported, got "
-            f"{[m.get('type') if isinstance(m, dict) else m for m in modules] if isinstance(modules, list) else modules!r}"
+            f"{[m.get('type') if isinstance(m, dict) else m for m in modules]!r}"
         )
     settings = {}
     st_config_path = os.path.join(model_dir, "config_sentence_transformers.json")
     if os.path.isfile(st_config_path):
-        st_config = _read_json(st_config_path)
+        st_config = read_json(st_config_path, dict, ConfigError)
         settings["activation_fn"] = (st_config_path, st_config.get("activation_fn"))
         settings["prompts"] = (st_config_path, st_config.get("prompts") or {})
         settings["default_prompt_name"] = st_config.get("default_prompt_name")
     module_config_path = os.path.join(model_dir, "sentence_bert_config.json")
     if os.path.isfile(module_config_path):
-        max_seq_length = _read_json(module_config_path).get("max_seq_length")
+        max_seq_length = read_json(module_config_path, dict, ConfigError).get("max_seq_length")
         if max_seq_length is not None:
             settings["max_seq_length"] = max_seq_length
     return settings
