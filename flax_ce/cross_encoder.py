@@ -20,6 +20,7 @@ from flax_ce.hub import resolve_model_dir
 from flax_ce.inputs import check_positive, check_text, normalise_pairs, shorten_long_texts
 from flax_ce.json_file import read_json
 from flax_ce.loading import load_model, load_tokenizer, read_config
+from flax_ce.preflight import min_pair_length
 from flax_ce.windows import DEFAULT_DOCUMENT_OVERLAP, aggregate_windows, build_windows, check_long_documents
 
 logger = logging.getLogger("flax_ce")
@@ -143,10 +144,11 @@ class CrossEncoder:
         )
         self.raw_config, self.config, fresh_head = read_config(self.model_dir, num_labels)
         self.dtype = dtype
+        # The model first: its check against the weights' inventory needs no transformers import (seconds).
         self.model = load_model(
             self.model_dir, self.config, dtype=dtype, allow_missing=("head.",) if fresh_head else ()
         )
-        self.tokenizer = load_tokenizer(self.model_dir)
+        self.tokenizer = load_tokenizer(self.model_dir, self.config)
         # A fresh head on an encoder (e.g. a sentence-transformers bi-encoder) ignores that stack's settings.
         st_settings = {} if fresh_head else sentence_transformers_settings(self.model_dir)
         self.max_length = self._resolve_max_length(
@@ -180,6 +182,12 @@ class CrossEncoder:
             if limit is not None:
                 max_length = min(max_length, limit)
         check_positive("max_length", max_length)
+        minimum = min_pair_length(self.tokenizer)
+        if max_length < minimum:
+            raise ValueError(
+                f"max_length={max_length} is too short for a pair: the tokenizer adds {minimum - 2} special "
+                f"tokens, so the minimum is {minimum} (one token of each text)"
+            )
         if limit is not None and max_length > limit:
             raise ValueError(f"max_length={max_length} exceeds what this model's positions allow ({limit})")
         return int(max_length)
