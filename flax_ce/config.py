@@ -30,6 +30,7 @@ class ConfigReader:
         if key not in self.raw or self.raw[key] is None and default is not dataclasses.MISSING:
             if default is dataclasses.MISSING:
                 self.problems.append(f"missing required key {key!r}")
+                return None  # the callers' arithmetic must see no value, not the MISSING sentinel
             return default
         value = self.raw[key]
         if kind is float and isinstance(value, int) and not isinstance(value, bool):

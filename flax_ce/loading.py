@@ -37,8 +37,9 @@ def load_tokenizer(model_dir: str | os.PathLike, config):
     files = find_tokenizer_files(model_dir, config.model_type)
     try:
         tokenizer = AutoTokenizer.from_pretrained(os.fspath(model_dir), trust_remote_code=False)
-    except (OSError, ValueError, TypeError) as e:
-        raise OSError(f"{model_dir}: could not load the tokenizer ({e})") from e
+    # transformers also validates config.json here, with its own exception types (strict dataclasses).
+    except Exception as e:  # noqa: BLE001 - whatever went wrong, the caller gets one error naming the directory
+        raise OSError(f"{model_dir}: could not load the tokenizer ({type(e).__name__}: {e})") from e
     check_vocabulary(tokenizer, config, files[0])
     return tokenizer
 
