@@ -96,7 +96,7 @@ def check_weights_fit(
     Every parameter is filled from its own tensor of the same size, so the weights' floating-point
     element count bounds the model (less `allow_missing`, which may stay fresh). Counts come from
     abstract 1- and 2-layer builds, extrapolated (the layers are alike), so a config asking for a
-    million layers is refused in milliseconds. Smaller gaps pass, for the per-key check to list
+    million layers is refused in well under a second. Smaller gaps pass, for the per-key check to list
     exactly what is missing.
     """
     available = sum(
