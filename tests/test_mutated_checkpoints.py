@@ -22,7 +22,7 @@ from flax_ce import CheckpointError, ConfigError, CrossEncoder
 
 MAX_LENGTH = 32
 PARITY = 2e-5
-TIME_LIMIT = 20.0  # seconds per example on a shared 2-core machine; a hang is what this catches
+TIME_LIMIT = 60.0  # seconds per example: loose enough for a loaded 2-core CI machine, far below a hang
 PAIRS = sample_pairs(6)
 # The library's own errors; anything else (TypeError, ZeroDivisionError, an XLA error) fails the test.
 OWN_ERRORS = (ConfigError, CheckpointError, OSError, ValueError)
