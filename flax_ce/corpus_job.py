@@ -11,6 +11,7 @@ import shutil
 import signal
 
 from flax_ce.corpus_files import fingerprint, write_output
+from flax_ce.json_file import read_json
 
 MANIFEST_VERSION = 1
 # Crash tests set this to a point name ("before-commit-K", "after-commit-K", "assemble-K",
@@ -86,8 +87,7 @@ class JobDirectory:
     def check_resumable(self, manifest: dict) -> None:
         """Refuse to mix jobs: a saved manifest must match this one; a finished output is not replaced."""
         if os.path.exists(self.manifest):
-            with open(self.manifest, encoding="utf-8") as f:
-                differences = manifest_differences(json.load(f), manifest)
+            differences = manifest_differences(read_json(self.manifest), manifest)
             if differences:
                 raise ValueError(
                     f"{self.manifest}: this job was started with {'; '.join(differences)}. Rerun the "

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -20,18 +19,12 @@ from flax_ce.engine import DEFAULT_TOKEN_BUDGET, ScoringEngine, make_mesh, plann
 from flax_ce.export import save_pretrained
 from flax_ce.hub import resolve_model_dir
 from flax_ce.inputs import check_positive, check_text, normalise_pairs, shorten_long_texts
+from flax_ce.json_file import read_json
 from flax_ce.loading import load_model, load_tokenizer, read_config
+from flax_ce.preflight import min_pair_length
 from flax_ce.windows import DEFAULT_DOCUMENT_OVERLAP, aggregate_windows, build_windows, check_long_documents
 
 logger = logging.getLogger("flax_ce")
-
-
-def _read_json(path: str):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from e
 
 
 def sentence_transformers_settings(model_dir: str) -> dict:
@@ -42,28 +35,27 @@ def sentence_transformers_settings(model_dir: str) -> dict:
     modules_path = os.path.join(model_dir, "modules.json")
     if not os.path.isfile(modules_path):
         return {}
-    modules = _read_json(modules_path)
+    modules = read_json(modules_path, list, ConfigError)
     if not (
-        isinstance(modules, list)
-        and len(modules) == 1
+        len(modules) == 1
         and isinstance(modules[0], dict)
         and str(modules[0].get("type", "")).endswith("Transformer")
         and modules[0].get("path", "") in ("", ".")
     ):
         raise ConfigError(
             f"{modules_path}: only a single Transformer module at the root is supported, got "
-            f"{[m.get('type') if isinstance(m, dict) else m for m in modules] if isinstance(modules, list) else modules!r}"
+            f"{[m.get('type') if isinstance(m, dict) else m for m in modules]!r}"
         )
     settings = {}
     st_config_path = os.path.join(model_dir, "config_sentence_transformers.json")
     if os.path.isfile(st_config_path):
-        st_config = _read_json(st_config_path)
+        st_config = read_json(st_config_path, dict, ConfigError)
         settings["activation_fn"] = (st_config_path, st_config.get("activation_fn"))
         settings["prompts"] = (st_config_path, st_config.get("prompts") or {})
         settings["default_prompt_name"] = st_config.get("default_prompt_name")
     module_config_path = os.path.join(model_dir, "sentence_bert_config.json")
     if os.path.isfile(module_config_path):
-        max_seq_length = _read_json(module_config_path).get("max_seq_length")
+        max_seq_length = read_json(module_config_path, dict, ConfigError).get("max_seq_length")
         if max_seq_length is not None:
             settings["max_seq_length"] = max_seq_length
     return settings
@@ -153,10 +145,11 @@ class CrossEncoder:
         )
         self.raw_config, self.config, fresh_head = read_config(self.model_dir, num_labels)
         self.dtype = dtype
+        # The model first: its check against the weights' inventory needs no transformers import (seconds).
         self.model = load_model(
             self.model_dir, self.config, dtype=dtype, allow_missing=("head.",) if fresh_head else ()
         )
-        self.tokenizer = load_tokenizer(self.model_dir)
+        self.tokenizer = load_tokenizer(self.model_dir, self.config)
         # A fast tokenizer keeps its truncation settings in shared state that every call rewrites, so
         # threads sharing this instance take turns tokenizing (scoring still runs concurrently).
         self._tokenizer_lock = threading.Lock()
@@ -193,6 +186,12 @@ class CrossEncoder:
             if limit is not None:
                 max_length = min(max_length, limit)
         check_positive("max_length", max_length)
+        minimum = min_pair_length(self.tokenizer)
+        if max_length < minimum:
+            raise ValueError(
+                f"max_length={max_length} is too short for a pair: the tokenizer adds {minimum - 2} special "
+                f"tokens, so the minimum is {minimum} (one token of each text)"
+            )
         if limit is not None and max_length > limit:
             raise ValueError(f"max_length={max_length} exceeds what this model's positions allow ({limit})")
         return int(max_length)
