@@ -236,7 +236,7 @@ def _decode(data: bytes, dtype: np.dtype, big_endian: bool) -> np.ndarray:
     return raw.view(dtype)
 
 
-def _load_zip(fh: IO[bytes]) -> tuple[Any, dict[str, _Storage]]:
+def _load_zip(fh: IO[bytes], read_storages: bool) -> tuple[Any, dict[str, _Storage]]:
     with zipfile.ZipFile(fh) as zf:
         names = zf.namelist()
         for name in names:  # we never extract, but a checkpoint with such names is not one torch wrote
@@ -260,11 +260,12 @@ def _load_zip(fh: IO[bytes]) -> tuple[Any, dict[str, _Storage]]:
             nbytes = storage.numel * storage.dtype.itemsize
             if zf.getinfo(member).file_size != nbytes:  # checked before reading: no decompression bomb
                 raise _Refused(f"zip member {member!r} does not hold the expected {nbytes} bytes")
-            storage.array = _decode(zf.read(member), storage.dtype, byteorder == b"big")
+            if read_storages:
+                storage.array = _decode(zf.read(member), storage.dtype, byteorder == b"big")
     return obj, storages
 
 
-def _load_legacy(raw_fh: IO[bytes]) -> tuple[Any, dict[str, _Storage]]:
+def _load_legacy(raw_fh: IO[bytes], read_storages: bool) -> tuple[Any, dict[str, _Storage]]:
     fh = _BoundedReader(raw_fh)
     try:
         magic = _unpickle(fh)[0]
@@ -279,6 +280,11 @@ def _load_legacy(raw_fh: IO[bytes]) -> tuple[Any, dict[str, _Storage]]:
     keys = _unpickle(fh)[0]
     if type(keys) is not list or sorted(keys, key=str) != sorted(storages):
         raise _Refused("storage key list does not match the storages used by the pickle")
+    if not read_storages:  # the storages follow the pickles: an inventory checks only that they fit
+        needed, left = sum(8 + s.numel * s.dtype.itemsize for s in storages.values()), fh.size - fh.tell()
+        if needed > left:
+            raise _Refused(f"file is truncated: its storages need {needed} bytes, {left} are left")
+        return obj, storages
     for key in keys:  # each storage: int64 little-endian element count, then the raw bytes
         storage = storages[key]
         header, nbytes = fh.read(8), storage.numel * storage.dtype.itemsize
@@ -310,15 +316,16 @@ def _describe(obj: object) -> str:
     return ("an " if name[0] in "aeiou" else "a ") + name
 
 
-def load_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Load a ``torch.save``-d state dict as a flat ``{name: array}`` dict without executing pickle code."""
+def _read(path: str | os.PathLike, read_storages: bool, convert) -> dict[str, Any]:
+    """``{name: convert(tensor)}`` for a flat state dict file; storages are read only if asked."""
     with open(path, "rb") as fh:  # a missing or unreadable file raises OSError, not a checkpoint problem
         try:
             head = fh.read(4)
             if not head:
                 raise _Refused("file is empty")
             fh.seek(0)
-            obj, _ = _load_zip(fh) if head == b"PK\x03\x04" else _load_legacy(fh)
+            load = _load_zip if head == b"PK\x03\x04" else _load_legacy
+            obj, _ = load(fh, read_storages)
             if not isinstance(obj, dict):
                 raise _Refused(
                     f"top level is {_describe(obj)}, expected a mapping of parameter names to tensors"
@@ -328,10 +335,20 @@ def load_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
                     raise _Refused(
                         f"entry {key!r:.80} is {_describe(value)}, expected a tensor (flat state dict)"
                     )
-            return {key: _materialize(value) for key, value in obj.items()}
+            return {key: convert(value) for key, value in obj.items()}
         except _Refused as exc:
             raise CheckpointError(f"{os.fspath(path)}: {exc}") from None
         # Malformed bytes make pickle, pickletools and zipfile raise almost any exception: report all alike.
         except Exception as exc:
             problem = f"file is truncated or corrupt ({type(exc).__name__}: {exc})"
             raise CheckpointError(f"{os.fspath(path)}: {problem}") from exc
+
+
+def load_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Load a ``torch.save``-d state dict as a flat ``{name: array}`` dict without executing pickle code."""
+    return _read(path, True, _materialize)
+
+
+def torch_state_dict_inventory(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """``{name: (shape, dtype)}`` of a ``torch.save``-d state dict, from its pickle alone (no storage read)."""
+    return _read(path, False, lambda tensor: (tensor.size, tensor.storage.dtype))

@@ -1,4 +1,4 @@
-"""`flax-ce` command line: predict, rank (and the subcommands other modules register)."""
+"""`flax-ce` command line: predict, rank, score (and the subcommands other modules register)."""
 
 from __future__ import annotations
 
@@ -7,52 +7,13 @@ import json
 import sys
 from collections.abc import Callable
 
-from flax_ce.inputs import check_pair
+from flax_ce.inputs import read_jsonl, read_pairs_file
+from flax_ce.windows import DEFAULT_DOCUMENT_OVERLAP, LONG_DOCUMENT_MODES
 
 # Subcommands: name -> (add_arguments, run). Other modules register theirs in `commands()`.
 Command = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 
 PROGRESS_THRESHOLD = 1000
-
-
-def _read_jsonl(path: str) -> list[tuple[str, object]]:
-    """(where, value) for each non-blank line of a JSONL file ("-" for stdin); `where` names file and line."""
-    stream = sys.stdin if path == "-" else open(path, encoding="utf-8")  # noqa: SIM115
-    rows = []
-    with stream:
-        for number, line in enumerate(stream, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append((f"{path}, line {number}", json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, line {number}: not valid JSON ({e.msg})") from e
-    return rows
-
-
-def _pair_from_row(row, where: str) -> list[str]:
-    """A pair from a JSONL row: [text_a, text_b] or an object with one of the known key pairs."""
-    if isinstance(row, dict):
-        for a, b in (
-            ("query", "document"),
-            ("text_a", "text_b"),
-            ("premise", "hypothesis"),
-            ("sentence1", "sentence2"),
-        ):
-            if a in row and b in row:
-                row = [row[a], row[b]]
-                break
-        else:
-            raise ValueError(
-                f"{where}: an object needs query/document, text_a/text_b, premise/hypothesis or "
-                "sentence1/sentence2"
-            )
-    return list(check_pair(row, where))
-
-
-def read_pairs_file(path: str) -> list[list[str]]:
-    """The pairs of a JSONL file, each checked; errors name the file and line."""
-    return [_pair_from_row(row, where) for where, row in _read_jsonl(path)]
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,6 +26,14 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="at most this many pairs per forward pass (default: batches planned by the token budget)",
     )
     parser.add_argument("--activation", default=None, help="torch activation name, e.g. torch.nn.Identity")
+    parser.add_argument(
+        "--long-documents",
+        choices=LONG_DOCUMENT_MODES,
+        default="truncate",
+        help="second texts over max-length: truncate (as sentence-transformers) or score overlapping "
+        "windows and take their max, first or mean",
+    )
+    parser.add_argument("--document-overlap", type=int, default=DEFAULT_DOCUMENT_OVERLAP, metavar="TOKENS")
 
 
 def _add_predict(parser: argparse.ArgumentParser) -> None:
@@ -106,6 +75,8 @@ def _run_predict(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         apply_softmax=args.softmax,
         show_progress_bar=len(pairs) >= PROGRESS_THRESHOLD,
+        long_documents=args.long_documents,
+        document_overlap=args.document_overlap,
     )
     labels = ce.config.labels
     for pair, score in zip(pairs, scores, strict=True):
@@ -122,7 +93,7 @@ def _run_predict(args: argparse.Namespace) -> int:
 def _run_rank(args: argparse.Namespace) -> int:
     documents = list(args.documents)
     if args.documents_file:
-        for where, row in _read_jsonl(args.documents_file):
+        for where, row in read_jsonl(args.documents_file):
             documents.append(row.get("text") if isinstance(row, dict) else row)
             if not isinstance(documents[-1], str):
                 raise ValueError(f'{where}: expected a string or {{"text": ...}}')
@@ -136,6 +107,8 @@ def _run_rank(args: argparse.Namespace) -> int:
         return_documents=True,
         batch_size=args.batch_size,
         show_progress_bar=len(documents) >= PROGRESS_THRESHOLD,
+        long_documents=args.long_documents,
+        document_overlap=args.document_overlap,
     )
     print(json.dumps(ranked, ensure_ascii=False, indent=2))
     return 0
@@ -143,11 +116,12 @@ def _run_rank(args: argparse.Namespace) -> int:
 
 def commands() -> dict[str, Command]:
     """All subcommands, including those of optional modules."""
-    from flax_ce import demo, parity
+    from flax_ce import corpus, demo, parity
 
     return {
         "predict": (_add_predict, _run_predict),
         "rank": (_add_rank, _run_rank),
+        "score": (corpus.add_arguments, corpus.run),
         "parity": (parity.add_arguments, parity.run),
         "demo": (demo.add_arguments, demo.run),
     }
@@ -163,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return table[args.command][1](args)
-    except (ValueError, TypeError, OSError) as e:
+    except (ValueError, TypeError, OSError, ImportError) as e:
         print(f"flax-ce {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Mapping
 from typing import Any
 
 from flax_ce.activations import HIDDEN_ACTIVATIONS
+from flax_ce.json_file import read_json
 
 
 class ConfigError(ValueError):
@@ -30,6 +30,7 @@ class ConfigReader:
         if key not in self.raw or self.raw[key] is None and default is not dataclasses.MISSING:
             if default is dataclasses.MISSING:
                 self.problems.append(f"missing required key {key!r}")
+                return None  # the callers' arithmetic must see no value, not the MISSING sentinel
             return default
         value = self.raw[key]
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
@@ -124,11 +125,4 @@ def load_config_json(model_dir: str | os.PathLike) -> dict[str, Any]:
     path = os.path.join(model_dir, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: config.json not found; a model directory needs one")
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a JSON object, got {type(raw).__name__}")
-    return raw
+    return read_json(path, dict, ConfigError)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+import threading
 from collections.abc import Callable, Sequence
 
 import jax
@@ -25,17 +25,12 @@ from flax_ce.engine import (
 from flax_ce.export import save_pretrained
 from flax_ce.hub import resolve_model_dir
 from flax_ce.inputs import check_positive, check_text, normalise_pairs, shorten_long_texts
+from flax_ce.json_file import read_json
 from flax_ce.loading import load_model, load_tokenizer, read_config
+from flax_ce.preflight import min_pair_length
+from flax_ce.windows import DEFAULT_DOCUMENT_OVERLAP, aggregate_windows, build_windows, check_long_documents
 
 logger = logging.getLogger("flax_ce")
-
-
-def _read_json(path: str):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from e
 
 
 def sentence_transformers_settings(model_dir: str) -> dict:
@@ -46,28 +41,27 @@ def sentence_transformers_settings(model_dir: str) -> dict:
     modules_path = os.path.join(model_dir, "modules.json")
     if not os.path.isfile(modules_path):
         return {}
-    modules = _read_json(modules_path)
+    modules = read_json(modules_path, list, ConfigError)
     if not (
-        isinstance(modules, list)
-        and len(modules) == 1
+        len(modules) == 1
         and isinstance(modules[0], dict)
         and str(modules[0].get("type", "")).endswith("Transformer")
         and modules[0].get("path", "") in ("", ".")
     ):
         raise ConfigError(
             f"{modules_path}: only a single Transformer module at the root is supported, got "
-            f"{[m.get('type') if isinstance(m, dict) else m for m in modules] if isinstance(modules, list) else modules!r}"
+            f"{[m.get('type') if isinstance(m, dict) else m for m in modules]!r}"
         )
     settings = {}
     st_config_path = os.path.join(model_dir, "config_sentence_transformers.json")
     if os.path.isfile(st_config_path):
-        st_config = _read_json(st_config_path)
+        st_config = read_json(st_config_path, dict, ConfigError)
         settings["activation_fn"] = (st_config_path, st_config.get("activation_fn"))
         settings["prompts"] = (st_config_path, st_config.get("prompts") or {})
         settings["default_prompt_name"] = st_config.get("default_prompt_name")
     module_config_path = os.path.join(model_dir, "sentence_bert_config.json")
     if os.path.isfile(module_config_path):
-        max_seq_length = _read_json(module_config_path).get("max_seq_length")
+        max_seq_length = read_json(module_config_path, dict, ConfigError).get("max_seq_length")
         if max_seq_length is not None:
             settings["max_seq_length"] = max_seq_length
     return settings
@@ -160,10 +154,14 @@ class CrossEncoder:
         )
         self.raw_config, self.config, fresh_head = read_config(self.model_dir, num_labels)
         self.dtype = dtype
+        # The model first: its check against the weights' inventory needs no transformers import (seconds).
         self.model = load_model(
             self.model_dir, self.config, dtype=dtype, allow_missing=("head.",) if fresh_head else ()
         )
-        self.tokenizer = load_tokenizer(self.model_dir)
+        self.tokenizer = load_tokenizer(self.model_dir, self.config)
+        # A fast tokenizer keeps its truncation settings in shared state that every call rewrites, so
+        # threads sharing this instance take turns tokenizing (scoring still runs concurrently).
+        self._tokenizer_lock = threading.Lock()
         # A fresh head on an encoder (e.g. a sentence-transformers bi-encoder) ignores that stack's settings.
         st_settings = {} if fresh_head else sentence_transformers_settings(self.model_dir)
         self.max_length = self._resolve_max_length(
@@ -197,6 +195,12 @@ class CrossEncoder:
             if limit is not None:
                 max_length = min(max_length, limit)
         check_positive("max_length", max_length)
+        minimum = min_pair_length(self.tokenizer)
+        if max_length < minimum:
+            raise ValueError(
+                f"max_length={max_length} is too short for a pair: the tokenizer adds {minimum - 2} special "
+                f"tokens, so the minimum is {minimum} (one token of each text)"
+            )
         if limit is not None and max_length > limit:
             raise ValueError(f"max_length={max_length} exceeds what this model's positions allow ({limit})")
         return int(max_length)
@@ -205,16 +209,17 @@ class CrossEncoder:
         """Token ids (unpadded) for pairs, truncated longest-first to max_length as sentence-transformers does."""
         if not pairs:
             return {"input_ids": [], "token_type_ids": []}
-        pairs = shorten_long_texts(self.tokenizer, pairs, self.max_length)
-        encoded = self.tokenizer(
-            [a for a, _ in pairs],
-            [b for _, b in pairs],
-            truncation="longest_first",
-            max_length=self.max_length,
-            padding=False,
-            return_attention_mask=False,
-            return_token_type_ids=True,
-        )
+        with self._tokenizer_lock:
+            pairs = shorten_long_texts(self.tokenizer, pairs, self.max_length)
+            encoded = self.tokenizer(
+                [a for a, _ in pairs],
+                [b for _, b in pairs],
+                truncation="longest_first",
+                max_length=self.max_length,
+                padding=False,
+                return_attention_mask=False,
+                return_token_type_ids=True,
+            )
         return {"input_ids": encoded["input_ids"], "token_type_ids": encoded.get("token_type_ids")}
 
     def logits(
@@ -230,8 +235,15 @@ class CrossEncoder:
         """activation(logits) [N, num_labels] for validated pairs, in the caller's order."""
         check_positive("batch_size", batch_size, allow_none=True)
         tokens = self.tokenize(pairs)
-        ids, types = tokens["input_ids"], tokens["token_type_ids"]
-        self._check_token_ranges(ids, types)
+        return self._run_tokens(
+            tokens["input_ids"], tokens["token_type_ids"], activation_fn, batch_size, show_progress_bar
+        )
+
+    def _run_tokens(
+        self, ids, types, activation_fn: Callable, batch_size: int | None, show_progress_bar, owner=None
+    ) -> np.ndarray:
+        """activation(logits) [N, num_labels] for token id lists; `owner[i]` is the pair row i is from."""
+        self._check_token_ranges(ids, types, owner)
         if show_progress_bar is None:
             show_progress_bar = logger.getEffectiveLevel() in (logging.INFO, logging.DEBUG)
         self.model.eval()  # scoring never drops out, as sentence-transformers' predict
@@ -268,15 +280,35 @@ class CrossEncoder:
             multiple=self.engine.multiple,
         )
 
-    def _check_token_ranges(self, ids, types) -> None:
+    def _scores_for_mode(
+        self, pairs, activation_fn: Callable, batch_size, show_progress_bar, mode: str, overlap: int
+    ) -> tuple[np.ndarray, list[tuple[int, int]] | None]:
+        """(scores [N, num_labels], character span of each pair's chosen window, None for "truncate")."""
+        if mode == "truncate":
+            return self._scores(pairs, activation_fn, batch_size, show_progress_bar), None
+        with self._tokenizer_lock:  # the fast tokenizer's truncation state is shared, as in tokenize()
+            windows = build_windows(self.tokenizer, pairs, self.max_length, overlap)
+        logits = self._run_tokens(
+            windows.input_ids,
+            windows.token_type_ids,
+            SCORE_ACTIVATIONS["Identity"],
+            batch_size,
+            show_progress_bar,
+            owner=windows.owner,
+        )
+        scores, chosen = aggregate_windows(logits, windows.owner, len(pairs), mode, activation_fn)
+        return scores, [windows.spans[w] for w in chosen]
+
+    def _check_token_ranges(self, ids, types, owner=None) -> None:
         vocab = self.config.vocab_size
         type_vocab = getattr(self.config, "type_vocab_size", 0)
-        for i, seq in enumerate(ids):
+        for row, seq in enumerate(ids):
+            i = row if owner is None else int(owner[row])
             if seq and max(seq) >= vocab:
                 raise ValueError(f"pair {i}: token id {max(seq)} is outside the model's vocabulary ({vocab})")
-            if types is not None and type_vocab > 0 and types[i] and max(types[i]) >= type_vocab:
+            if types is not None and type_vocab > 0 and types[row] and max(types[row]) >= type_vocab:
                 raise ValueError(
-                    f"pair {i}: token type {max(types[i])} is outside the model's type_vocab_size ({type_vocab})"
+                    f"pair {i}: token type {max(types[row])} is outside the model's type_vocab_size ({type_vocab})"
                 )
 
     def predict(
@@ -290,29 +322,33 @@ class CrossEncoder:
         convert_to_tensor: bool = False,
         prompt_name: str | None = None,
         prompt: str | None = None,
+        long_documents: str = "truncate",
+        document_overlap: int = DEFAULT_DOCUMENT_OVERLAP,
         **legacy,
     ):
         """Scores for one pair or a list of pairs: [N] for 1-label models, [N, C] otherwise.
 
         `prompt` (or the text of `prompts[prompt_name]`, or of the default prompt) is put in front of
-        each pair's first text, as sentence-transformers does.
+        each pair's first text, as sentence-transformers does. `long_documents` "max", "first" or "mean"
+        scores second texts longer than max_length as overlapping windows (flax_ce.windows); "truncate"
+        cuts them as sentence-transformers does.
         """
         inputs = _legacy_argument(legacy, "sentences", "inputs", inputs)
         activation_fn = _legacy_argument(legacy, "activation_fct", "activation_fn", activation_fn)
         if legacy:
             raise TypeError(f"predict() got unexpected keyword arguments: {', '.join(sorted(legacy))}")
         pairs, single = normalise_pairs(inputs)
-        prompt = self.resolve_prompt(prompt, prompt_name)
-        if prompt:
-            pairs = [(prompt + a, b) for a, b in pairs]
-        check_positive("batch_size", batch_size, allow_none=True)
-        if isinstance(activation_fn, str):
-            activation_fn = activation_from_name(activation_fn)
-        activation_fn = activation_fn or self.activation_fn
-        if not pairs:
-            scores = np.zeros((0,), dtype=np.float32)
-        else:
-            scores = self._scores(pairs, activation_fn, batch_size, show_progress_bar)
+        scores, _ = self._predict_pairs(
+            pairs,
+            batch_size,
+            show_progress_bar,
+            activation_fn,
+            prompt_name,
+            prompt,
+            mode=long_documents,
+            overlap=document_overlap,
+        )
+        if pairs:
             if self.num_labels == 1:
                 scores = scores[:, 0]
             elif apply_softmax:
@@ -326,6 +362,22 @@ class CrossEncoder:
             result = list(scores)
         return result[0] if single else result
 
+    def _predict_pairs(
+        self, pairs, batch_size, show_progress_bar, activation_fn, prompt_name, prompt, *, mode, overlap
+    ) -> tuple[np.ndarray, list[tuple[int, int]] | None]:
+        """(scores [N, num_labels], chosen window spans or None) for validated pairs, prompt applied."""
+        check_long_documents(mode, overlap)
+        prompt = self.resolve_prompt(prompt, prompt_name)
+        if prompt:
+            pairs = [(prompt + a, b) for a, b in pairs]
+        check_positive("batch_size", batch_size, allow_none=True)
+        if isinstance(activation_fn, str):
+            activation_fn = activation_from_name(activation_fn)
+        activation_fn = activation_fn or self.activation_fn
+        if not pairs:
+            return np.zeros((0,), dtype=np.float32), None
+        return self._scores_for_mode(pairs, activation_fn, batch_size, show_progress_bar, mode, overlap)
+
     def rank(
         self,
         query: str,
@@ -337,10 +389,14 @@ class CrossEncoder:
         activation_fn: Callable | str | None = None,
         prompt_name: str | None = None,
         prompt: str | None = None,
+        long_documents: str = "truncate",
+        document_overlap: int = DEFAULT_DOCUMENT_OVERLAP,
     ) -> list[dict]:
-        """Documents sorted by score for `query`: [{"corpus_id", "score"(, "text")}], best first.
+        """Documents sorted by score for `query`: [{"corpus_id", "score"(, "text"(, "window"))}], best first.
 
-        A prompt goes in front of the query, as in predict()."""
+        A prompt goes in front of the query, and long documents are scored, as in predict(). With
+        long_documents "max" or "first", "window" is the [start, end) character span of the window
+        that gave the score."""
         if self.num_labels != 1:
             raise ValueError(
                 f"rank() needs a model with num_labels=1; this one has {self.num_labels} "
@@ -352,18 +408,22 @@ class CrossEncoder:
         check_positive("top_k", top_k, allow_none=True)
         for i, doc in enumerate(documents):
             check_text(doc, f"document {i}")
-        scores = self.predict(
+        scores, spans = self._predict_pairs(
             [(query, doc) for doc in documents],
-            batch_size=batch_size,
-            show_progress_bar=show_progress_bar,
-            activation_fn=activation_fn,
-            prompt_name=prompt_name,
-            prompt=prompt,
+            batch_size,
+            show_progress_bar,
+            activation_fn,
+            prompt_name,
+            prompt,
+            mode=long_documents,
+            overlap=document_overlap,
         )
-        results = [{"corpus_id": i, "score": float(s)} for i, s in enumerate(scores)]
+        results = [{"corpus_id": i, "score": float(s)} for i, s in enumerate(scores.reshape(-1))]
         if return_documents:
             for r in results:
                 r["text"] = documents[r["corpus_id"]]
+                if spans is not None and long_documents != "mean":
+                    r["window"] = list(spans[r["corpus_id"]])
         results.sort(key=lambda r: r["score"], reverse=True)
         return results[:top_k]
 

@@ -178,6 +178,7 @@ def offline_reranker(
     """(fine-tuned CrossEncoder, record with held-out MRR@10 before/after), from the cache when it matches."""
     from flax_ce import CrossEncoder
     from flax_ce.evaluation import RerankingEvaluator
+    from flax_ce.json_file import read_json
     from flax_ce.training import fit
 
     train, held_out = split_items(docstring_items(), settings["held_out"], settings["seed"])
@@ -187,8 +188,7 @@ def offline_reranker(
     wanted = {"settings": settings, "encoder": os.path.abspath(encoder_dir), "train_items": len(train)}
     record_path = os.path.join(cache_dir, "demo.json")
     if not retrain and os.path.isfile(record_path):
-        with open(record_path, encoding="utf-8") as f:
-            record = json.load(f)
+        record = read_json(record_path)
         if all(record.get(k) == v for k, v in wanted.items()):
             ce = CrossEncoder(cache_dir)
             # The fine-tuned number is measured again, on the cached weights.

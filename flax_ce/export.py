@@ -12,6 +12,7 @@ from safetensors.numpy import save_file
 
 from flax_ce.activations import torch_name
 from flax_ce.conversion.convert import torch_state_dict
+from flax_ce.conversion.files import WEIGHT_PATTERNS
 from flax_ce.models import family_of
 
 # Written fresh below, or stale once the weights are ours (fp32) and the activation is recorded.
@@ -21,11 +22,7 @@ STALE_KEYS = ("sbert_ce_default_activation_function", "_name_or_path")
 # weights (a loader could pick them, or they just waste space) and sentence-transformers' own settings
 # files, which it reads before config.json (a stale activation_fn or max_seq_length there would win).
 STALE_FILES = (
-    "model.safetensors.index.json",
-    "model-*-of-*.safetensors",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-    "pytorch_model-*-of-*.bin",
+    *(pattern for pattern in WEIGHT_PATTERNS if pattern != "model.safetensors"),
     "modules.json",
     "config_sentence_transformers.json",
     "sentence_bert_config.json",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from flax_ce.conversion.files import WEIGHT_PATTERNS
+
 # Only what a cross-encoder needs: the repos also hold large onnx/ and openvino/ exports.
 ALLOW_PATTERNS = [
     "config.json",
@@ -19,12 +21,7 @@ ALLOW_PATTERNS = [
     "merges.txt",
     "spm.model",
     "sentencepiece.bpe.model",
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "model-*-of-*.safetensors",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-    "pytorch_model-*-of-*.bin",
+    *WEIGHT_PATTERNS,
 ]
 IGNORE_PATTERNS = ["onnx/*", "openvino/*", "*.onnx", "*.h5", "*.msgpack", "*.ot", "tf_model*", "flax_model*"]
 

@@ -1,14 +1,25 @@
-"""User input to predict/rank: validation naming the offending item; very long texts cut before tokenizing."""
+"""User input to predict/rank: validation naming the offending item; pair files (JSONL, one parser of
+pair rows for every command); very long texts cut before tokenizing."""
 
 from __future__ import annotations
 
+import gzip
+import json
 import math
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
 SINGLE_PAIR_HINT = (
     "a list whose first item is a string is read as one pair; pass a list of (text_a, text_b) pairs"
+)
+# Keys of a pair row given as an object, in the order they are tried.
+PAIR_KEYS = (
+    ("query", "document"),
+    ("text_a", "text_b"),
+    ("premise", "hypothesis"),
+    ("sentence1", "sentence2"),
 )
 # Texts longer than this many characters per token of max_length are checked for shortening.
 LONG_TEXT_CHARS_PER_TOKEN = 8
@@ -76,6 +87,56 @@ def normalise_pairs(inputs) -> tuple[list[tuple[str, str]], bool]:
                 raise type(e)(f"{e} ({SINGLE_PAIR_HINT})") from None
             raise
     return [check_pair(pair, f"pair {i}") for i, pair in enumerate(inputs)], False
+
+
+def jsonl_lines(path: str) -> Iterator[tuple[int, bytes]]:
+    """(line number, raw line) for each non-blank line of a JSONL file: "-" is stdin, ".gz" is gunzipped."""
+    if path == "-":
+        stream = sys.stdin.buffer
+    elif path.endswith(".gz"):
+        stream = gzip.open(path, "rb")
+    else:
+        stream = open(path, "rb")  # noqa: SIM115
+    with stream:
+        for number, line in enumerate(stream, 1):
+            if line.strip():
+                yield number, line
+
+
+def parse_json_line(line: bytes | str, where: str):
+    """One JSONL row's value; a ValueError naming `where` if it is not valid UTF-8 JSON."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not valid JSON ({e.msg})") from e
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from e
+
+
+def read_jsonl(path: str) -> list[tuple[str, object]]:
+    """(where, value) for each non-blank line of a JSONL file; `where` names the file and line."""
+    return [
+        (where, parse_json_line(line, where))
+        for where, line in ((f"{path}, line {number}", line) for number, line in jsonl_lines(path))
+    ]
+
+
+def pair_from_row(row, where: str) -> tuple[str, str]:
+    """A checked pair from a row: [text_a, text_b] or an object with one of the PAIR_KEYS key pairs."""
+    if isinstance(row, dict):
+        for a, b in PAIR_KEYS:
+            if a in row and b in row:
+                row = [row[a], row[b]]
+                break
+        else:
+            names = [f"{a}/{b}" for a, b in PAIR_KEYS]
+            raise ValueError(f"{where}: an object needs {', '.join(names[:-1])} or {names[-1]}")
+    return check_pair(row, where)
+
+
+def read_pairs_file(path: str) -> list[list[str]]:
+    """The pairs of a JSONL file, each checked; errors name the file and line."""
+    return [list(pair_from_row(row, where)) for where, row in read_jsonl(path)]
 
 
 def check_positive(name: str, value, allow_none: bool = False) -> None:

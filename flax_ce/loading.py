@@ -7,16 +7,18 @@ import os
 import jax.numpy as jnp
 from flax import nnx
 
-from flax_ce.config import load_config_json
+from flax_ce.config import ConfigError, load_config_json
 from flax_ce.conversion.convert import build_module
-from flax_ce.conversion.files import find_weights, read_weights
+from flax_ce.conversion.files import find_weights, read_inventory, read_weights
 from flax_ce.hub import resolve_model_dir
 from flax_ce.models import build_model, config_from_dict, family_of
+from flax_ce.preflight import check_config_values, check_vocabulary, check_weights_fit, find_tokenizer_files
 
 
 def load_model(model_dir: str | os.PathLike, config, dtype=jnp.float32, allow_missing: tuple[str, ...] = ()):
     """The family module for `config`, filled strictly from the weights in `model_dir`."""
     weights_path = find_weights(model_dir)
+    check_weights_fit(config, build_model, read_inventory(weights_path), weights_path, allow_missing)
     tensors = read_weights(weights_path)
     return build_module(
         lambda rngs: build_model(config, rngs=rngs, dtype=dtype),
@@ -27,14 +29,19 @@ def load_model(model_dir: str | os.PathLike, config, dtype=jnp.float32, allow_mi
     )
 
 
-def load_tokenizer(model_dir: str | os.PathLike):
-    """The checkpoint's fast tokenizer (transformers), never running code from the repository."""
+def load_tokenizer(model_dir: str | os.PathLike, config):
+    """The checkpoint's fast tokenizer (transformers), never running code from the repository; its files
+    must be there and its vocabulary must fit `config`'s embedding table."""
     from transformers import AutoTokenizer
 
+    files = find_tokenizer_files(model_dir, config.model_type)
     try:
-        return AutoTokenizer.from_pretrained(os.fspath(model_dir), trust_remote_code=False)
-    except (OSError, ValueError, TypeError) as e:
-        raise OSError(f"{model_dir}: could not load the tokenizer ({e})") from e
+        tokenizer = AutoTokenizer.from_pretrained(os.fspath(model_dir), trust_remote_code=False)
+    # transformers also validates config.json here, with its own exception types (strict dataclasses).
+    except Exception as e:  # noqa: BLE001 - whatever went wrong, the caller gets one error naming the directory
+        raise OSError(f"{model_dir}: could not load the tokenizer ({type(e).__name__}: {e})") from e
+    check_vocabulary(tokenizer, config, files[0])
+    return tokenizer
 
 
 def read_config(model_dir: str | os.PathLike, num_labels: int | None = None):
@@ -45,6 +52,10 @@ def read_config(model_dir: str | os.PathLike, num_labels: int | None = None):
     """
     raw = load_config_json(model_dir)
     architectures = raw.get("architectures") or []
+    if not isinstance(architectures, list):
+        raise ConfigError(
+            f"{os.path.join(model_dir, 'config.json')}: 'architectures' must be a list, got {architectures!r:.80}"
+        )
     fresh_head = num_labels is not None or not any(
         str(a).endswith("ForSequenceClassification") for a in architectures
     )
@@ -54,6 +65,7 @@ def read_config(model_dir: str | os.PathLike, num_labels: int | None = None):
             raw = {k: v for k, v in raw.items() if k not in ("id2label", "label2id")}
         raw = {**raw, "num_labels": num_labels}
     config = config_from_dict(raw, os.path.join(model_dir, "config.json"))
+    check_config_values(config, os.path.join(model_dir, "config.json"))
     return raw, config, fresh_head
 
 
@@ -73,7 +85,7 @@ def load(
     )
     _, config, fresh_head = read_config(model_dir, num_labels)
     model = load_model(model_dir, config, dtype=dtype, allow_missing=("head.",) if fresh_head else ())
-    return model, load_tokenizer(model_dir), config
+    return model, load_tokenizer(model_dir, config), config
 
 
 def score(model: nnx.Module, input_ids, attention_mask, token_type_ids=None):

@@ -294,16 +294,18 @@ def _flax_forward(model: nnx.Module, input_ids, attention_mask, token_type_ids):
     states, intermediates = nnx.capture(model.encode, nnx.Intermediate, method_outputs=nnx.Intermediate)(
         input_ids, attention_mask, token_type_ids
     )
+    # The whole forward's logits: a head may read more than the last hidden states (a pooling mask).
+    logits = model(input_ids, attention_mask, token_type_ids)
     recorded = {path: value.get_value() for path, value in intermediates.flat_state()}
     attention, feed_forward = [], []
     for i in range(len(states) - 1):
         a = recorded.get(("layers", i, "attention", "__call__"))
         f = recorded.get(("layers", i, "ffn", "__call__"))
         if not (a and f):
-            return model.head(states[-1]), states, None, None
+            return logits, states, None, None
         attention.append(a[0])
         feed_forward.append(f[0])
-    return model.head(states[-1]), states, attention, feed_forward
+    return logits, states, attention, feed_forward
 
 
 def _compare_forward(ours, st, pairs, batch_size: int, dtype: str, layers: bool):
@@ -488,7 +490,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Exit status: 0 within tolerance, 1 not, 2 when the reference is missing (other errors: cli.main)."""
-    from flax_ce.cli import read_pairs_file
+    from flax_ce.inputs import read_pairs_file
 
     pairs = None
     if args.pairs:

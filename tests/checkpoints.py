@@ -109,6 +109,24 @@ def save_tokenizer(kind: str, path: str, model_max_length: int = 512):
     return tokenizer
 
 
+def save_unigram_tokenizer(path: str, model_max_length: int, vocab_size: int = 700):
+    """Train a sentencepiece-style Unigram vocabulary and save it as XLM-RoBERTa's tokenizer."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    # XLM-RoBERTa's tokenizer expects <s>, <pad>, </s>, <unk> at ids 0-3 (it hard-codes unk_id=3).
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=specials, unk_token="<unk>")
+    tok.train_from_iterator(corpus(), trainer)
+    vocab = [tuple(entry) for entry in json.loads(tok.to_str())["model"]["vocab"]]
+    assert [piece for piece, _ in vocab[:5]] == specials
+    tokenizer = transformers.XLMRobertaTokenizerFast(vocab=vocab, model_max_length=model_max_length)
+    tokenizer.save_pretrained(path)
+    return tokenizer
+
+
 def init_large_std(model, std: float = 0.2, seed: int = 0) -> None:
     """Re-initialise every weight with a large std so attention is peaked and bugs show."""
     import torch
@@ -116,7 +134,8 @@ def init_large_std(model, std: float = 0.2, seed: int = 0) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "LayerNorm" in name and name.endswith("weight"):
+            module = name.rsplit(".", 1)[0]
+            if ("LayerNorm" in name or module.endswith("norm")) and name.endswith("weight"):
                 param.copy_(1.0 + 0.1 * torch.randn(param.shape, generator=gen))
             else:
                 param.copy_(std * torch.randn(param.shape, generator=gen))
@@ -157,6 +176,105 @@ def build_random(kind: str, path: str, *, num_labels: int = 1, seed: int = 0, **
     init_large_std(model, seed=seed)
     model.eval()
     model.save_pretrained(path)
+    return path
+
+
+def build_xlm_roberta(path: str, *, positions: int = 1026, num_labels: int = 1, seed: int = 0) -> str:
+    """A random XLMRobertaForSequenceClassification with its own Unigram tokenizer; RoBERTa's position
+    offset leaves it `positions - 2` tokens."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    tokenizer = save_unigram_tokenizer(path, model_max_length=positions - 2)
+    config = transformers.XLMRobertaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=positions,
+        type_vocab_size=1,
+        layer_norm_eps=1e-5,
+        pad_token_id=tokenizer.pad_token_id,
+        num_labels=num_labels,
+    )
+    model = transformers.XLMRobertaForSequenceClassification(config)
+    init_large_std(model, seed=seed)
+    model.eval().save_pretrained(path)
+    return path
+
+
+def save_modernbert_tokenizer(path: str, model_max_length: int, vocab_size: int = 600):
+    """Train a byte-level BPE with [CLS] A [SEP] B [SEP] templates, as ModernBERT's (OLMo-style) tokenizer."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    specials = ["[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]"]
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(corpus(), trainer)
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B [SEP]",
+        special_tokens=[("[CLS]", cls), ("[SEP]", sep)],
+    )
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        pad_token="[PAD]",
+        mask_token="[MASK]",
+        model_max_length=model_max_length,
+        model_input_names=["input_ids", "attention_mask"],
+    )
+    tokenizer.save_pretrained(path)
+    return tokenizer
+
+
+def build_modernbert(
+    path: str, *, pooling: str = "cls", num_labels: int = 1, seed: int = 0, max_length: int = 640, **overrides
+) -> str:
+    """A random ModernBertForSequenceClassification: 4 layers, global attention in layers 0 and 3, a
+    16-token local window (8 either side), non-default rotary thetas, with a trained byte-level BPE."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    tokenizer = save_modernbert_tokenizer(path, model_max_length=max_length)
+    labels = {"id2label": {i: f"label {i}" for i in range(num_labels)}} if num_labels > 1 else {}
+    config = transformers.ModernBertConfig(
+        **{
+            "vocab_size": len(tokenizer),
+            "hidden_size": 32,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "intermediate_size": 48,
+            "max_position_embeddings": 1024,
+            "local_attention": 16,
+            "global_attn_every_n_layers": 3,
+            "global_rope_theta": 80_000.0,
+            "local_rope_theta": 5_000.0,
+            "classifier_pooling": pooling,
+            "num_labels": num_labels,
+            "pad_token_id": tokenizer.pad_token_id,
+            "cls_token_id": tokenizer.cls_token_id,
+            "sep_token_id": tokenizer.sep_token_id,
+            "bos_token_id": tokenizer.cls_token_id,
+            "eos_token_id": tokenizer.sep_token_id,
+            **labels,
+            **overrides,
+        }
+    )
+    model = transformers.ModernBertForSequenceClassification(config)
+    init_large_std(model, seed=seed)
+    model.eval().save_pretrained(path)
     return path
 
 
@@ -344,5 +462,57 @@ def build_deberta(path: str, case: str, tokenizer_dir: str) -> str:
     model = REFERENCE_CLASSES[model_type](config)
     init_large_std(model)
     model.eval().save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+# Tokenizers and checkpoint directories, as published models ship them.
+
+SPECIAL_TOKENS = ["[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"]
+
+
+def train_sentencepiece(path: str) -> str:
+    """A DeBERTa-v3-style unigram spm.model: [PAD]=0, [CLS]=1, [SEP]=2, [UNK]=3, [MASK] user-defined."""
+    import sentencepiece
+
+    os.makedirs(path, exist_ok=True)
+    text = os.path.join(path, "corpus.txt")
+    with open(text, "w", encoding="utf-8") as f:
+        f.write("\n".join(corpus()))
+    sentencepiece.SentencePieceTrainer.train(
+        input=text,
+        model_prefix=os.path.join(path, "spm"),
+        vocab_size=500,
+        model_type="unigram",
+        pad_id=0,
+        bos_id=1,
+        eos_id=2,
+        unk_id=3,
+        pad_piece="[PAD]",
+        bos_piece="[CLS]",
+        eos_piece="[SEP]",
+        unk_piece="[UNK]",
+        user_defined_symbols=["[MASK]"],
+        minloglevel=2,
+    )
+    os.remove(text)
+    os.remove(os.path.join(path, "spm.vocab"))
+    return os.path.join(path, "spm.model")
+
+
+def train_byte_bpe(path: str) -> None:
+    """A GPT-2-style byte-level BPE (vocab.json + merges.txt) with DeBERTa's special tokens first."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    os.makedirs(path, exist_ok=True)
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(corpus(), vocab_size=500, special_tokens=SPECIAL_TOKENS)
+    bpe.save_model(path)
+
+
+def save_checkpoint(path: str, model_type: str, tokenizer, overrides: dict) -> str:
+    """A random ...ForSequenceClassification saved with `save_pretrained`, beside its tokenizer."""
+    overrides = {**overrides, "vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id}
+    reference_model(model_type, {**overrides, "max_position_embeddings": 128}).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

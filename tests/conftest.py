@@ -56,9 +56,9 @@ def minilm_dir(ckpt_root):
 
 @pytest.fixture(scope="session")
 def deberta_dirs(tmp_path_factory) -> dict[str, str]:
-    """Tiny DeBERTa v1 and v3 checkpoints with trained tokenizers, as test_deberta builds them."""
+    """Tiny DeBERTa v1 and v3 checkpoints with trained tokenizers."""
     import transformers
-    from test_deberta import V3, save_checkpoint, train_byte_bpe, train_sentencepiece
+    from checkpoints import V3, save_checkpoint, train_byte_bpe, train_sentencepiece
 
     root = tmp_path_factory.mktemp("deberta_checkpoints")
     train_sentencepiece(str(root / "spm"))

@@ -6,6 +6,7 @@ import argparse
 import json
 
 import numpy as np
+import pytest
 from checkpoints import sample_pairs
 from support import TOLERANCE
 
@@ -61,3 +62,32 @@ def test_batch_size_is_not_forced_by_default():
         commands()[name][0](parser)
         assert parser.parse_args(argv).batch_size is None
         assert parser.parse_args([*argv, "--batch-size", "32"]).batch_size == 32
+
+
+def test_long_documents(bert_dir, roberta_dir, capsys):
+    docs = [b for _, b in sample_pairs(8, long_every=2)][::2]
+    args = ["--max-length", "32", "--long-documents", "max", "--document-overlap", "4"]
+    assert main(["rank", bert_dir, "--query", "what is a list", "--documents", *docs, *args]) == 0
+    ranked = json.loads(capsys.readouterr().out)
+    expected = CrossEncoder(bert_dir, max_length=32).rank(
+        "what is a list", docs, return_documents=True, long_documents="max", document_overlap=4
+    )
+    assert [(r["corpus_id"], r["window"]) for r in ranked] == [
+        (r["corpus_id"], r["window"]) for r in expected
+    ]
+    assert (
+        main(
+            ["predict", roberta_dir, "--pair", "a cat", " ".join(docs), *args[:2], "--long-documents", "mean"]
+        )
+        == 2
+    )
+    assert "document_overlap=64 must be smaller than the room" in capsys.readouterr().err
+    assert main(["predict", roberta_dir, "--pair", "a cat", "a dog", "--document-overlap", "-1"]) == 2
+    assert "document_overlap must be an integer >= 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", bert_dir, "--pair", "a", "b", "--long-documents", "maxp"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'maxp'" in err and all(
+        repr(m) in err for m in ("truncate", "max", "first", "mean")
+    )

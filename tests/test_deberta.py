@@ -14,11 +14,14 @@ from checkpoints import (
     CASES,
     LABELS,
     REFERENCE_CLASSES,
+    SPECIAL_TOKENS,
     TINY,
     V3,
-    corpus,
     reference_model,
     sample_pairs,
+    save_checkpoint,
+    train_byte_bpe,
+    train_sentencepiece,
 )
 from flax import nnx
 from flax_ce.conversion.convert import build_module
@@ -310,58 +313,6 @@ def test_v1_in_proj_rows_interleave_per_head():
         v = v + attention.transpose_for_scores(attention.v_bias[None, None])
     for ours, ref in zip(module.layers[0].attention.project(x.numpy()), (q, k, v), strict=True):
         np.testing.assert_allclose(np.asarray(ours), ref.permute(0, 2, 1, 3).numpy(), atol=1e-5)
-
-
-# Tokenizers and checkpoint directories, as published models ship them.
-
-SPECIAL_TOKENS = ["[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"]
-
-
-def train_sentencepiece(path: str) -> str:
-    """A DeBERTa-v3-style unigram spm.model: [PAD]=0, [CLS]=1, [SEP]=2, [UNK]=3, [MASK] user-defined."""
-    import sentencepiece
-
-    os.makedirs(path, exist_ok=True)
-    text = os.path.join(path, "corpus.txt")
-    with open(text, "w", encoding="utf-8") as f:
-        f.write("\n".join(corpus()))
-    sentencepiece.SentencePieceTrainer.train(
-        input=text,
-        model_prefix=os.path.join(path, "spm"),
-        vocab_size=500,
-        model_type="unigram",
-        pad_id=0,
-        bos_id=1,
-        eos_id=2,
-        unk_id=3,
-        pad_piece="[PAD]",
-        bos_piece="[CLS]",
-        eos_piece="[SEP]",
-        unk_piece="[UNK]",
-        user_defined_symbols=["[MASK]"],
-        minloglevel=2,
-    )
-    os.remove(text)
-    os.remove(os.path.join(path, "spm.vocab"))
-    return os.path.join(path, "spm.model")
-
-
-def train_byte_bpe(path: str) -> None:
-    """A GPT-2-style byte-level BPE (vocab.json + merges.txt) with DeBERTa's special tokens first."""
-    from tokenizers import ByteLevelBPETokenizer
-
-    os.makedirs(path, exist_ok=True)
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(corpus(), vocab_size=500, special_tokens=SPECIAL_TOKENS)
-    bpe.save_model(path)
-
-
-def save_checkpoint(path: str, model_type: str, tokenizer, overrides: dict) -> str:
-    """A random ...ForSequenceClassification saved with `save_pretrained`, beside its tokenizer."""
-    overrides = {**overrides, "vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id}
-    reference_model(model_type, {**overrides, "max_position_embeddings": 128}).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")

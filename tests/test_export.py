@@ -11,7 +11,15 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from checkpoints import CASES, TINY, build_deberta, sample_pairs, set_config
+from checkpoints import (
+    CASES,
+    TINY,
+    build_deberta,
+    build_modernbert,
+    build_xlm_roberta,
+    sample_pairs,
+    set_config,
+)
 from flax import nnx
 from flax_ce.conversion.convert import torch_state_dict
 from support import TOLERANCE
@@ -30,6 +38,8 @@ ACTIVATIONS = {
     "deberta-v1": "Softmax",
     "deberta-v3": None,
     "deberta-v2-conv": "Sigmoid",
+    "xlm-roberta": "Tanh",
+    "modernbert": None,
 }
 
 
@@ -37,6 +47,10 @@ ACTIVATIONS = {
 def source_dirs(family_dirs, bert_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("deberta")
     built = {name: build_deberta(str(root / name), case, bert_dir) for name, case in DEBERTA.items()}
+    built["xlm-roberta"] = build_xlm_roberta(str(root / "xlm-roberta"), positions=130)
+    built["modernbert"] = build_modernbert(
+        str(root / "modernbert"), pooling="mean", max_length=128, norm_bias=True
+    )
     return {**family_dirs, **built}
 
 
@@ -157,6 +171,8 @@ BERT_LIKE = {
     "bert": transformers.BertConfig(),
     "roberta": transformers.RobertaConfig(),
     "electra": transformers.ElectraConfig(embedding_size=16),
+    "xlm-roberta": transformers.XLMRobertaConfig(),
+    "modernbert": transformers.ModernBertConfig(num_hidden_layers=2, attention_bias=True, pad_token_id=0),
 }
 
 

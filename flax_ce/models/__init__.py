@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flax_ce.config import ConfigError
-from flax_ce.models import bert, deberta
+from flax_ce.models import bert, deberta, modernbert
 from flax_ce.models.family import Family
 
 FAMILIES: dict[str, Family] = {
@@ -18,9 +18,11 @@ FAMILIES: dict[str, Family] = {
     for family in (
         bert.BERT,
         bert.ROBERTA,
+        bert.XLM_ROBERTA,
         bert.ELECTRA,
         deberta.DEBERTA,
         deberta.DEBERTA_V2,
+        modernbert.MODERNBERT,
     )
 }
 

@@ -1,4 +1,4 @@
-"""BERT, RoBERTa and ELECTRA cross-encoders: one encoder, three embeddings/head variants."""
+"""BERT, RoBERTa, XLM-RoBERTa and ELECTRA cross-encoders: one encoder, three embeddings/head variants."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from flax_ce.config import ConfigReader, LabelsMixin, read_labels
 from flax_ce.conversion.rules import KeyTable, Kind, Rule
 from flax_ce.models.family import Family
 from flax_ce.models.layers import (
+    BLOCK_RULES,
+    LAYER,
     ClassificationHead,
     FeedForward,
     ResidualOutput,
@@ -24,10 +26,13 @@ from flax_ce.models.layers import (
     split_heads,
 )
 
-MODEL_TYPES = ("bert", "roberta", "electra")
+MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "electra")
+# XLM-RoBERTa is RoBERTa's architecture with a sentencepiece vocabulary (and, in bge-reranker-v2-m3,
+# a longer position table): every rule below that is RoBERTa's is also its.
+ROBERTA_TYPES = ("roberta", "xlm-roberta")
 # The variants' differences, as config fields: RoBERTa counts positions from pad_token_id + 1, ELECTRA's
 # head uses GELU, and only BERT's pooler reads the CLS vector without dropout.
-HEAD_ACTIVATION = {"bert": "tanh", "roberta": "tanh", "electra": "gelu"}
+HEAD_ACTIVATION = {"bert": "tanh", "roberta": "tanh", "xlm-roberta": "tanh", "electra": "gelu"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +81,7 @@ def config_from_dict(raw: Mapping[str, Any], source: str = "config.json") -> Ber
     r.check_problem_type()
     num_labels, labels = read_labels(r)
     embedding_size = r.get("embedding_size", hidden, int) if model_type == "electra" else hidden
-    pad_token_id = r.get("pad_token_id", 1 if model_type == "roberta" else 0, int)
+    pad_token_id = r.get("pad_token_id", 1 if model_type in ROBERTA_TYPES else 0, int)
     hidden_dropout = r.get("hidden_dropout_prob", 0.1, float)
     classifier_dropout = r.get("classifier_dropout", None, float)
     head_dropout = classifier_dropout if classifier_dropout is not None else hidden_dropout
@@ -90,7 +95,7 @@ def config_from_dict(raw: Mapping[str, Any], source: str = "config.json") -> Ber
         max_position_embeddings=r.get("max_position_embeddings", 512, int),
         type_vocab_size=r.get("type_vocab_size", 2, int),
         embedding_size=embedding_size,
-        position_offset=(pad_token_id or 0) + 1 if model_type == "roberta" else 0,
+        position_offset=(pad_token_id or 0) + 1 if model_type in ROBERTA_TYPES else 0,
         head_activation=HEAD_ACTIVATION.get(model_type, "tanh"),
         head_dropout=hidden_dropout if model_type == "bert" else head_dropout,
         head_input_dropout=0.0 if model_type == "bert" else head_dropout,
@@ -229,7 +234,6 @@ class BertCrossEncoder(nnx.Module):
         return self.head(self.encode(input_ids, attention_mask, token_type_ids)[-1])
 
 
-LAYER = "encoder.layer.{layer}"
 ENCODER_RULES = (
     Rule("embeddings.word_embeddings", "embeddings.word", Kind.EMBED),
     Rule("embeddings.position_embeddings", "embeddings.position", Kind.EMBED),
@@ -241,11 +245,7 @@ ENCODER_RULES = (
         Kind.LINEAR,
         {"proj": ("query", "key", "value")},
     ),
-    Rule(f"{LAYER}.attention.output.dense", "layers.{layer}.attention.output.dense", Kind.LINEAR),
-    Rule(f"{LAYER}.attention.output.LayerNorm", "layers.{layer}.attention.output.norm", Kind.NORM),
-    Rule(f"{LAYER}.intermediate.dense", "layers.{layer}.ffn.intermediate", Kind.LINEAR),
-    Rule(f"{LAYER}.output.dense", "layers.{layer}.ffn.output.dense", Kind.LINEAR),
-    Rule(f"{LAYER}.output.LayerNorm", "layers.{layer}.ffn.output.norm", Kind.NORM),
+    *BLOCK_RULES,
 )
 DENSE_OUT_PROJ_HEAD = (
     Rule("classifier.dense", "head.dense", Kind.LINEAR),
@@ -266,17 +266,18 @@ BERT = Family(
     ),
     "BertForSequenceClassification",
 )
+ROBERTA_KEYS = KeyTable(
+    prefix="roberta.",
+    encoder=ENCODER_RULES,
+    head=DENSE_OUT_PROJ_HEAD,
+    ignore=BUFFERS + (r"pooler\..*", r"lm_head\..*"),
+)
 ROBERTA = Family(
-    "roberta",
-    config_from_dict,
-    BertCrossEncoder,
-    KeyTable(
-        prefix="roberta.",
-        encoder=ENCODER_RULES,
-        head=DENSE_OUT_PROJ_HEAD,
-        ignore=BUFFERS + (r"pooler\..*", r"lm_head\..*"),
-    ),
-    "RobertaForSequenceClassification",
+    "roberta", config_from_dict, BertCrossEncoder, ROBERTA_KEYS, "RobertaForSequenceClassification"
+)
+# transformers' XLMRobertaForSequenceClassification keeps RoBERTa's key names, `roberta.` prefix included.
+XLM_ROBERTA = Family(
+    "xlm-roberta", config_from_dict, BertCrossEncoder, ROBERTA_KEYS, "XLMRobertaForSequenceClassification"
 )
 ELECTRA = Family(
     "electra",

@@ -17,6 +17,8 @@ from flax_ce.config import ConfigReader, LabelsMixin, read_labels
 from flax_ce.conversion.rules import KeyTable, Kind, Rule
 from flax_ce.models.family import Family
 from flax_ce.models.layers import (
+    BLOCK_RULES,
+    LAYER,
     ClassificationHead,
     FeedForward,
     ResidualOutput,
@@ -500,7 +502,6 @@ class DebertaCrossEncoder(nnx.Module):
         return self.head(self.encode(input_ids, attention_mask, token_type_ids)[-1])
 
 
-LAYER = "encoder.layer.{layer}"
 # v1 and v2/v3 share embeddings, output blocks and feed-forward; the ContextPooler head sits beside the
 # base model.
 SHARED_RULES = (
@@ -510,11 +511,7 @@ SHARED_RULES = (
     Rule("embeddings.embed_proj", "embeddings.projection", Kind.LINEAR),
     Rule("embeddings.LayerNorm", "embeddings.norm", Kind.NORM),
     Rule("encoder.rel_embeddings", "rel_embeddings", Kind.EMBED),
-    Rule(f"{LAYER}.attention.output.dense", "layers.{layer}.attention.output.dense", Kind.LINEAR),
-    Rule(f"{LAYER}.attention.output.LayerNorm", "layers.{layer}.attention.output.norm", Kind.NORM),
-    Rule(f"{LAYER}.intermediate.dense", "layers.{layer}.ffn.intermediate", Kind.LINEAR),
-    Rule(f"{LAYER}.output.dense", "layers.{layer}.ffn.output.dense", Kind.LINEAR),
-    Rule(f"{LAYER}.output.LayerNorm", "layers.{layer}.ffn.output.norm", Kind.NORM),
+    *BLOCK_RULES,
 )
 HEAD_RULES = (
     Rule("pooler.dense", "head.dense", Kind.LINEAR),

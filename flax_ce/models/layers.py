@@ -7,6 +7,18 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flax_ce.activations import HIDDEN_ACTIVATIONS
+from flax_ce.conversion.rules import Kind, Rule
+
+# transformers' encoder layers name these blocks alike in BERT-like models and DeBERTa, and so do ours
+# (an attention block's output `ResidualOutput`, the `FeedForward`): their key rules are shared.
+LAYER = "encoder.layer.{layer}"
+BLOCK_RULES = (
+    Rule(f"{LAYER}.attention.output.dense", "layers.{layer}.attention.output.dense", Kind.LINEAR),
+    Rule(f"{LAYER}.attention.output.LayerNorm", "layers.{layer}.attention.output.norm", Kind.NORM),
+    Rule(f"{LAYER}.intermediate.dense", "layers.{layer}.ffn.intermediate", Kind.LINEAR),
+    Rule(f"{LAYER}.output.dense", "layers.{layer}.ffn.output.dense", Kind.LINEAR),
+    Rule(f"{LAYER}.output.LayerNorm", "layers.{layer}.ffn.output.norm", Kind.NORM),
+)
 
 
 def dense(
