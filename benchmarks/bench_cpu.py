@@ -22,6 +22,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -419,7 +420,10 @@ def main() -> None:
     start, load_before = time.perf_counter(), os.getloadavg()[0]
     root = tempfile.mkdtemp(prefix="flax_ce_bench_")
     paths, stats = build_workload(root, args)
-    results = run_rounds(paths, args.rounds, root)
+    try:
+        results = run_rounds(paths, args.rounds, root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)  # checkpoints and caches: several hundred MB
     result = {
         "command": " ".join(["python", "benchmarks/bench_cpu.py", *sys.argv[1:]]),
         "date": datetime.date.today().isoformat(),
