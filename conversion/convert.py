@@ -57,7 +57,7 @@ def map_state_dict(
                 f"{want} (after the {layout} layout change)"
             )
             continue
-        if not np.issubdtype(value.dtype, np.floating):
+        if not jax.numpy.issubdtype(value.dtype, jax.numpy.floating):  # bfloat16 (ml_dtypes) too
             problems.append(f"key {key!r} has dtype {value.dtype}, expected a floating-point tensor")
             continue
         filled[path] = value.astype(expected[path].dtype)
