@@ -104,9 +104,9 @@ def make_inputs(path: str, rows: int, length: int, seed: int = 0) -> str:
 
 
 def timed_loop(call, min_seconds: float) -> list[float]:
-    """Milliseconds of each call of a timed loop of at least 5 calls and `min_seconds`."""
+    """Milliseconds of each call of a timed loop of at least 3 calls and `min_seconds`."""
     times, start = [], time.perf_counter()
-    while len(times) < 5 or time.perf_counter() - start < min_seconds:
+    while len(times) < 3 or time.perf_counter() - start < min_seconds:
         t = time.perf_counter()
         call()
         times.append((time.perf_counter() - t) * 1e3)
