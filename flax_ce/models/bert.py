@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -12,6 +13,7 @@ from flax import nnx
 
 from flax_ce.config import ConfigReader, LabelsMixin, read_labels
 from flax_ce.conversion.rules import KeyTable, Kind, Rule
+from flax_ce.models.attention import mask_bias, self_attention
 from flax_ce.models.family import Family
 from flax_ce.models.layers import (
     BLOCK_RULES,
@@ -150,7 +152,7 @@ class Embeddings(nnx.Module):
 
 
 class SelfAttention(nnx.Module):
-    """Multi-head attention with a key padding mask; scores via `jax.nn.dot_product_attention`."""
+    """Multi-head attention with a key padding mask (see `flax_ce.models.attention`)."""
 
     def __init__(self, config: BertConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
         hidden = config.hidden_size
@@ -166,20 +168,10 @@ class SelfAttention(nnx.Module):
     def __call__(self, x: jax.Array, key_mask: jax.Array) -> jax.Array:
         """x [batch, seq, hidden], key_mask [batch, seq] bool -> [batch, seq, hidden]."""
         q, k, v = (split_heads(proj(x), self.num_heads) for proj in (self.query, self.key, self.value))
-        mask = key_mask[:, None, None, :]
-        if self.attention_dropout.rate > 0 and not self.attention_dropout.deterministic:
-            context = _attention_with_dropout(q, k, v, mask, self.attention_dropout)
-        else:
-            context = jax.nn.dot_product_attention(q, k, v, mask=mask)
+        bias = mask_bias(key_mask)  # the same in every layer: XLA computes it once
+        # 1 / sqrt(head_dim) in Python float, as the references compute it.
+        context = self_attention(q, k, v, bias, 1.0 / math.sqrt(q.shape[-1]), self.attention_dropout)
         return self.output(context.reshape(x.shape[:-1] + (-1,)), x)
-
-
-def _attention_with_dropout(q, k, v, mask, dropout: nnx.Dropout) -> jax.Array:
-    """Explicit softmax attention so dropout can act on the probabilities (training only)."""
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
-    scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
-    probs = dropout(jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(q.dtype))
-    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
 
 class EncoderLayer(nnx.Module):

@@ -15,6 +15,7 @@ from flax import nnx
 from flax_ce.activations import HIDDEN_ACTIVATIONS
 from flax_ce.config import ConfigReader, LabelsMixin, read_labels
 from flax_ce.conversion.rules import KeyTable, Kind, Rule
+from flax_ce.models.attention import attend, mask_bias, relative_scores
 from flax_ce.models.family import Family
 from flax_ce.models.layers import (
     BLOCK_RULES,
@@ -351,36 +352,28 @@ class DisentangledSelfAttention(nnx.Module):
         x: jax.Array,
         pair_mask: jax.Array,
         rel_embeddings: jax.Array | None,
-        rel_index: jax.Array | None,
+        rel_index: np.ndarray | None,
     ) -> jax.Array:
         """x [batch, seq, hidden], pair_mask [batch, seq, seq] bool -> [batch, seq, hidden].
 
-        rel_embeddings [rows, hidden] and rel_index [seq, seq] (rows of it) are None without
-        relative attention.
+        rel_embeddings [rows, hidden] and rel_index [seq, seq] (static rows of it, a function of i - j)
+        are None without relative attention.
         """
         q, k, v = self.project(x)
         # Both references divide by sqrt(head_dim * factor) computed in fp32; dividing q and the
         # position queries before the matmuls keeps reduced-precision products in range.
         scale = np.sqrt(np.float32(q.shape[-1] * self.scale_factor)).astype(np.float32)
-        q = q / scale.astype(q.dtype)
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k)
+        q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q / scale.astype(q.dtype), k, v))  # heads-major
+        extra_scores = None
         if rel_embeddings is not None and (self.c2p or self.p2c):
             pos_key, pos_query = self.position_projections(rel_embeddings.astype(x.dtype))
-            if pos_key is not None:
-                c2p = jnp.einsum("bqhd,rhd->bhqr", q, pos_key)
-                scores = scores + jnp.take_along_axis(c2p, rel_index[None, None], axis=-1)
-            if pos_query is not None:
-                # score[i, j] += k_j . pos_query[index[i, j]]: gather per key row, then transpose.
-                p2c = jnp.einsum("bkhd,rhd->bhkr", k, pos_query / scale.astype(q.dtype))
-                scores = scores + jnp.swapaxes(
-                    jnp.take_along_axis(p2c, rel_index.T[None, None], axis=-1), -1, -2
-                )
-        # Masked scores are replaced by the most negative value (not added to), as in the reference, so a
-        # fully padded query row becomes uniform.
-        scores = jnp.where(pair_mask[:, None], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
-        probs = self.attention_dropout(jax.nn.softmax(scores, axis=-1).astype(v.dtype))
-        context = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
-        return self.output(context.reshape(x.shape), x)
+            pos_query = None if pos_query is None else pos_query / scale.astype(q.dtype)
+            extra_scores = relative_scores(q, k, pos_key, pos_query, rel_index)
+        # Masked scores become the most negative value, as in the reference (which replaces rather than
+        # adds), so a fully padded query row is uniform.
+        bias = mask_bias(pair_mask)
+        context = attend(q, k, v, bias, extra_scores=extra_scores, dropout=self.attention_dropout)
+        return self.output(jnp.swapaxes(context, 1, 2).reshape(x.shape), x)
 
 
 class EncoderLayer(nnx.Module):
@@ -395,7 +388,7 @@ class EncoderLayer(nnx.Module):
         x: jax.Array,
         pair_mask: jax.Array,
         rel_embeddings: jax.Array | None,
-        rel_index: jax.Array | None,
+        rel_index: np.ndarray | None,
     ) -> jax.Array:
         return self.ffn(self.attention(x, pair_mask, rel_embeddings, rel_index))
 
@@ -485,7 +478,6 @@ class DebertaCrossEncoder(nnx.Module):
         mask = attention_mask.astype(bool)
         pair_mask = mask[:, :, None] & mask[:, None, :]
         rel_embeddings, rel_index = self.relative_inputs(input_ids.shape[1])
-        rel_index = None if rel_index is None else jnp.asarray(rel_index)
         x = self.embeddings(input_ids, token_type_ids, mask)
         states = [x]
         for i, layer in enumerate(self.layers):
