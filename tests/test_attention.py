@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import TOLERANCE
 from flax import nnx
+from support import TOLERANCE
 from test_deberta import case_models, padded_batch
 
 from flax_ce.models import attention
