@@ -15,6 +15,7 @@ from flax import nnx
 from flax_ce.config import ConfigError
 from flax_ce.conversion.errors import CheckpointError
 from flax_ce.conversion.files import TensorInfo
+from flax_ce.models import FAMILIES
 
 # Sizes every family reads under these transformers names. Out of range they would surface as a
 # ZeroDivisionError or a negative dimension deep inside module construction; token ids are int32, so no
@@ -30,14 +31,6 @@ POSITIVE_SIZES = (
     "num_labels",
 )
 MAX_SIZE = 2**31 - 1
-# Besides tokenizer.json, what each family's (slow) transformers tokenizer saves its vocabulary in.
-VOCABULARY_FILES = {
-    "bert": ("vocab.txt",),
-    "electra": ("vocab.txt",),
-    "roberta": ("vocab.json", "merges.txt"),
-    "deberta": ("vocab.json", "merges.txt"),
-    "deberta-v2": ("spm.model",),
-}
 # A model this many times larger than its weights is refused before it is built (a fresh head is
 # allocated for real); a smaller excess gets the per-key report of what is missing.
 PLAUSIBLE_EXCESS = 4
@@ -130,8 +123,8 @@ def check_weights_fit(
 def find_tokenizer_files(model_dir: str | os.PathLike, model_type: str) -> list[str]:
     """Paths of the files the tokenizer will be built from; FileNotFoundError (an OSError) naming the
     directory and the files looked for when neither tokenizer.json nor the family's vocabulary is there."""
-    families = [VOCABULARY_FILES[model_type]] if model_type in VOCABULARY_FILES else VOCABULARY_FILES.values()
-    choices = [("tokenizer.json",), *dict.fromkeys(families)]
+    vocabulary = FAMILIES[model_type].vocabulary_files
+    choices = [("tokenizer.json",), *([vocabulary] if vocabulary else [])]
     for names in choices:
         paths = [os.path.join(model_dir, name) for name in names]
         if all(os.path.isfile(path) for path in paths):

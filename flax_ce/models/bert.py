@@ -257,6 +257,7 @@ BERT = Family(
         ignore=BUFFERS + (r"cls\..*",),
     ),
     "BertForSequenceClassification",
+    vocabulary_files=("vocab.txt",),
 )
 ROBERTA_KEYS = KeyTable(
     prefix="roberta.",
@@ -265,11 +266,21 @@ ROBERTA_KEYS = KeyTable(
     ignore=BUFFERS + (r"pooler\..*", r"lm_head\..*"),
 )
 ROBERTA = Family(
-    "roberta", config_from_dict, BertCrossEncoder, ROBERTA_KEYS, "RobertaForSequenceClassification"
+    "roberta",
+    config_from_dict,
+    BertCrossEncoder,
+    ROBERTA_KEYS,
+    "RobertaForSequenceClassification",
+    vocabulary_files=("vocab.json", "merges.txt"),
 )
 # transformers' XLMRobertaForSequenceClassification keeps RoBERTa's key names, `roberta.` prefix included.
 XLM_ROBERTA = Family(
-    "xlm-roberta", config_from_dict, BertCrossEncoder, ROBERTA_KEYS, "XLMRobertaForSequenceClassification"
+    "xlm-roberta",
+    config_from_dict,
+    BertCrossEncoder,
+    ROBERTA_KEYS,
+    "XLMRobertaForSequenceClassification",
+    vocabulary_files=("sentencepiece.bpe.model",),
 )
 ELECTRA = Family(
     "electra",
@@ -282,4 +293,5 @@ ELECTRA = Family(
         ignore=BUFFERS + (r"discriminator_predictions\..*", r"generator_.*"),
     ),
     "ElectraForSequenceClassification",
+    vocabulary_files=("vocab.txt",),
 )

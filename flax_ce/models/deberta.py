@@ -543,6 +543,7 @@ DEBERTA = Family(
         ignore=IGNORE,
     ),
     "DebertaForSequenceClassification",
+    vocabulary_files=("vocab.json", "merges.txt"),
 )
 DEBERTA_V2 = Family(
     "deberta-v2",
@@ -572,4 +573,5 @@ DEBERTA_V2 = Family(
         ignore=IGNORE,
     ),
     "DebertaV2ForSequenceClassification",
+    vocabulary_files=("spm.model",),
 )

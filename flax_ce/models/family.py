@@ -26,3 +26,5 @@ class Family:
     module: Callable[..., nnx.Module]
     key_table: KeyTable
     architecture: str  # the transformers `*ForSequenceClassification` class save_pretrained names
+    # Besides tokenizer.json, the files its (slow) transformers tokenizer saves its vocabulary in.
+    vocabulary_files: tuple[str, ...] = ()
