@@ -227,7 +227,7 @@ DEVICES_SCRIPT = textwrap.dedent(
     from flax_ce.training import fit
 
     def flat(ce):
-        return {"/".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(ce.model))}
+        return {"/".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(ce.model, nnx.Param))}
 
     assert jax.device_count() == 4
     examples = json.loads(sys.argv[2])
