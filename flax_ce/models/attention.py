@@ -7,8 +7,8 @@ at MiniLM shapes (../shared/notes/performance.md). What closes the gap:
 - the row maximum subtracted and exp taken, the unnormalised weights multiplied by V, and only the
   [.., seq, dim] result divided by the row sums (seq / dim times fewer divisions);
 - queries in blocks, so that a block's scores stay in cache instead of round-tripping through memory.
-DeBERTa's relative terms use the same blocks: they depend on i - j only, so each block needs one
-matmul against the 2 * seq - 1 relative rows it can see and a skew (slice + reshape), not a gather.
+DeBERTa's relative terms depend on i - j only, so a block of rows needs one matmul against the
+block + seq - 1 relative rows it can see and a skew (slice + reshape), not a gather over [b, h, q, k].
 """
 
 from __future__ import annotations
@@ -130,6 +130,19 @@ def _skew(x: jax.Array, rows: int, cols: int, first: int) -> jax.Array:
     return flat.reshape(*x.shape[:-2], rows, width - 1)[..., :cols]
 
 
+def _toeplitz_block(x: jax.Array, table: jax.Array, start: int, size: int) -> jax.Array:
+    """out[..., u, j] = x[..., start + u, :] . table_t with t = start + u - j, for every j < seq.
+
+    x [batch, heads, seq, dim]; table [heads, 2 * seq, dim] holds the rows by decreasing t
+    (seq - 1 down to -seq; the last is never read, it keeps a one-row block wider than seq).
+    Column m of the block's product is t = start + size - 1 - m, so (u, j) is column size - 1 - u + j.
+    """
+    length = x.shape[2]
+    rows = table[:, length - start - size : 2 * length - start]
+    product = jnp.matmul(x[:, :, start : start + size], jnp.swapaxes(rows, -1, -2)[None])
+    return _skew(product, size, length, size - 1)
+
+
 def relative_scores(
     q: jax.Array,
     k: jax.Array,
@@ -140,27 +153,30 @@ def relative_scores(
     """`extra_scores` adding DeBERTa's c2p (q_i . pos_key[index[i, j]]) and p2c (k_j . pos_query[index[i, j]]).
 
     q, k [batch, heads, seq, dim] (heads-major, q scaled); pos_key / pos_query [rows, heads, dim] (the
-    latter scaled) or None; index [seq, seq] static, a function of i - j only.
+    latter scaled) or None; index [seq, seq] static, a function of i - j only. c2p is computed per
+    query block; p2c (keys against offsets) per key block, once, then read by the query blocks.
     """
+    offsets = relative_offsets(index)  # offsets[t + seq - 1] = index[i, j] with i - j = t
     length = index.shape[0]
-    offsets = relative_offsets(index)  # offsets[t + length - 1] = index[i, j] with i - j = t
-    # For a block of queries start..start+size, i - j spans start - (length - 1) .. start + size - 1.
-    # Keys by decreasing t, plus one unused row so that a one-query block is still wider than the keys.
-    keys_by_offset = None if pos_key is None else jnp.swapaxes(pos_key[np.append(offsets[::-1], 0)], 0, 1)
-    queries_by_offset = None if pos_query is None else jnp.swapaxes(pos_query[offsets], 0, 1)  # increasing t
+
+    def by_decreasing_offset(table: jax.Array, order: np.ndarray) -> jax.Array:
+        return jnp.swapaxes(table[np.append(order, 0)], 0, 1)
+
+    keys_table = None if pos_key is None else by_decreasing_offset(pos_key, offsets[::-1])
+    p2c = None
+    if pos_query is not None:
+        # p2c transposed is c2p's form with k for q and the offsets mirrored (t -> -t).
+        queries_table = by_decreasing_offset(pos_query, offsets)
+        block = query_block(k.shape[0], k.shape[1], length, length)
+        starts = range(0, length, block)
+        blocks = [_toeplitz_block(k, queries_table, s, min(block, length - s)) for s in starts]
+        p2c = jnp.swapaxes(jnp.concatenate(blocks, axis=2) if len(blocks) > 1 else blocks[0], -1, -2)
 
     def add(scores: jax.Array, start: int, size: int) -> jax.Array:
-        window = size + length - 1
-        if keys_by_offset is not None:
-            # Column m is t = start + size - 1 - m, so query u, key j (t = start + u - j) is column size - 1 - u + j.
-            rows = keys_by_offset[:, length - start - size : 2 * length - start]
-            c2p = jnp.matmul(q[:, :, start : start + size], jnp.swapaxes(rows, -1, -2)[None])
-            scores = scores + _skew(c2p, size, length, size - 1)
-        if queries_by_offset is not None:
-            # Column m is t = start - (length - 1) + m, so key j, query u is column length - 1 - j + u.
-            rows = queries_by_offset[:, start : start + window]
-            p2c = jnp.matmul(k, jnp.swapaxes(rows, -1, -2)[None])  # [b, h, keys, window]
-            scores = scores + jnp.swapaxes(_skew(p2c, length, size, length - 1), -1, -2)
+        if keys_table is not None:
+            scores = scores + _toeplitz_block(q, keys_table, start, size)
+        if p2c is not None:
+            scores = scores + p2c[:, :, start : start + size]
         return scores
 
     return add
