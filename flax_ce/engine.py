@@ -179,10 +179,9 @@ def cast_params(state, dtype) -> nnx.State:
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
 
 
-def make_scorer(model: nnx.Module, activation_fn: Callable | None = None, mesh: Mesh | None = None):
-    """(jitted fn(state, input_ids, attention_mask, token_type_ids) -> fp32 scores, the model's state placed
-    for it). With a mesh, inputs are split over its "batch" axis and the state is replicated."""
-    graphdef, state = nnx.split(model)
+def jit_forward(graphdef, mesh: Mesh | None = None, activation_fn: Callable | None = None) -> Callable:
+    """jitted fn(state, input_ids, attention_mask, token_type_ids) -> fp32 activation(logits) for a model's
+    graphdef; with a mesh, inputs are split over its "batch" axis and the state is replicated."""
     activation_fn = activation_fn or (lambda x: x)
 
     def forward(state, input_ids, attention_mask, token_type_ids):
@@ -190,10 +189,17 @@ def make_scorer(model: nnx.Module, activation_fn: Callable | None = None, mesh: 
         return activation_fn(logits).astype(jnp.float32)
 
     if mesh is None:
-        return jax.jit(forward), state
+        return jax.jit(forward)
     replicated, split = NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("batch"))
-    fn = jax.jit(forward, in_shardings=(replicated, split, split, split), out_shardings=split)
-    return fn, jax.device_put(state, replicated)
+    return jax.jit(forward, in_shardings=(replicated, split, split, split), out_shardings=split)
+
+
+def make_scorer(model: nnx.Module, activation_fn: Callable | None = None, mesh: Mesh | None = None):
+    """(jitted fn(state, input_ids, attention_mask, token_type_ids) -> fp32 scores, the model's state placed
+    for it). With a mesh, inputs are split over its "batch" axis and the state is replicated."""
+    graphdef, state = nnx.split(model)
+    fn = jit_forward(graphdef, mesh, activation_fn)
+    return fn, state if mesh is None else jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
 
 
 class ScoringEngine:
@@ -238,7 +244,7 @@ class ScoringEngine:
         signature = (graphdef, treedef, [(x.shape, x.dtype) for x in leaves])
         if signature != self._signature:
             self._programs.clear()
-            self._forward = self._make_forward(graphdef)
+            self._forward = jit_forward(graphdef, self.mesh)
             self._signature, self._placed = signature, None
         if self._placed is None or any(a is not b for a, b in zip(self._placed[0], leaves, strict=True)):
             self._placed = (leaves, self._place(state))
@@ -247,16 +253,6 @@ class ScoringEngine:
     def _place(self, state: nnx.State) -> nnx.State:
         state = cast_params(state, self.dtype)
         return jax.device_put(state, NamedSharding(self.mesh, PartitionSpec())) if self.mesh else state
-
-    def _make_forward(self, graphdef) -> Callable:
-        def forward(state, input_ids, attention_mask, token_type_ids):
-            return nnx.merge(graphdef, state)(input_ids, attention_mask, token_type_ids).astype(jnp.float32)
-
-        if self.mesh is None:
-            return jax.jit(forward)
-        replicated = NamedSharding(self.mesh, PartitionSpec())
-        split = NamedSharding(self.mesh, PartitionSpec("batch"))
-        return jax.jit(forward, in_shardings=(replicated, split, split, split), out_shardings=split)
 
     def compiled(self, state: nnx.State, rows: int, length: int) -> Callable:
         """The compiled program for one [rows, length] shape, compiling (and timing) it the first time."""
