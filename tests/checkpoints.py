@@ -5,6 +5,7 @@ from __future__ import annotations
 import builtins
 import collections
 import json
+import math
 import os
 import random
 import re
@@ -74,10 +75,13 @@ def _train_wordpiece(path: str, vocab_size: int = 600) -> str:
         vocab_size=vocab_size, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     )
     tok.train_from_iterator(corpus(), trainer)
-    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    # The trainer numbers the "##" alphabet in hash order, which changes from process to process; the
+    # vocabulary itself does not. WordPiece reads only the set, so sorting it makes every build the same.
+    specials = trainer.special_tokens
+    words = sorted(set(tok.get_vocab()) - {s.content for s in specials})
     vocab_file = os.path.join(path, "vocab.txt")
     with open(vocab_file, "w", encoding="utf-8") as f:
-        f.write("\n".join(token for token, _ in vocab) + "\n")
+        f.write("\n".join([s.content for s in specials] + words) + "\n")
     return vocab_file
 
 
@@ -120,8 +124,15 @@ def save_unigram_tokenizer(path: str, model_max_length: int, vocab_size: int = 7
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=specials, unk_token="<unk>")
     tok.train_from_iterator(corpus(), trainer)
-    vocab = [tuple(entry) for entry in json.loads(tok.to_str())["model"]["vocab"]]
-    assert [piece for piece, _ in vocab[:5]] == specials
+    pieces = [piece for piece, _ in json.loads(tok.to_str())["model"]["vocab"]]
+    assert pieces[:5] == specials
+    # The trainer's piece set is the same in every process, its scores are not (threaded EM sums differ
+    # by ~1e-4 and reorder pieces). Scoring each piece by its frequency in the corpus makes builds equal.
+    text = "".join("\u2581" + word for line in corpus() for word in line.split())
+    counts = {piece: text.count(piece) + 1 for piece in pieces[5:]}
+    total = sum(counts.values())
+    ranked = sorted(counts, key=lambda piece: (-counts[piece], piece))
+    vocab = [(piece, 0.0) for piece in specials] + [(p, math.log(counts[p] / total)) for p in ranked]
     tokenizer = transformers.XLMRobertaTokenizerFast(vocab=vocab, model_max_length=model_max_length)
     tokenizer.save_pretrained(path)
     return tokenizer
@@ -141,8 +152,11 @@ def init_large_std(model, std: float = 0.2, seed: int = 0) -> None:
                 param.copy_(std * torch.randn(param.shape, generator=gen))
 
 
-def build_random(kind: str, path: str, *, num_labels: int = 1, seed: int = 0, **overrides) -> str:
-    """Save a random BERT/RoBERTa/ELECTRA ...ForSequenceClassification with a trained tokenizer."""
+def build_random(
+    kind: str, path: str, *, num_labels: int = 1, seed: int = 0, std: float = 0.2, **overrides
+) -> str:
+    """Save a random BERT/RoBERTa/ELECTRA ...ForSequenceClassification with a trained tokenizer; weights
+    drawn with `std` (0.2, peaked attention, for parity; transformers' own 0.02 for a model that trains)."""
     import torch
     import transformers
 
@@ -173,7 +187,7 @@ def build_random(kind: str, path: str, *, num_labels: int = 1, seed: int = 0, **
         model = transformers.ElectraForSequenceClassification(config)
     else:
         raise ValueError(kind)
-    init_large_std(model, seed=seed)
+    init_large_std(model, std=std, seed=seed)
     model.eval()
     model.save_pretrained(path)
     return path

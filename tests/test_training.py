@@ -72,22 +72,24 @@ def update_differences(before: dict, after_a: dict, after_b: dict) -> tuple[dict
     return max_abs, relative
 
 
-def test_loss_decreases_and_held_out_precision_improves(bert_dir):
+@pytest.mark.slow
+def test_loss_decreases_and_held_out_precision_improves(minilm_dir):
+    # Real pretrained weights learn this task decisively in one epoch (loss ~0.7 -> ~0.2, held-out average
+    # precision ~0.5 -> ~1.0); a tiny random model only drifts (0.72 -> 0.64..0.70 depending on the seed,
+    # the same in torch), so bounds on it fail by chance.
     sentences = corpus()
     random.Random(0).shuffle(sentences)
     train, held_out = duplicate_task(sentences[:300], 0), duplicate_task(sentences[300:400], 1)
     evaluator = ClassificationEvaluator([(a, b) for a, b, _ in held_out], [int(y) for *_, y in held_out])
-    ce = CrossEncoder(bert_dir, max_length=32)
+    ce = CrossEncoder(minilm_dir, max_length=32)
     before = evaluator(ce)["average_precision"]
     compiled = ce.engine.compile_count
-    result = fit(
-        ce, train, epochs=4, batch_size=16, learning_rate=3e-3, evaluator=evaluator, eval_steps=50, seed=0
-    )
-    assert result.steps == 4 * -(-len(train) // 16) == 152  # the last batch of an epoch is topped up
-    assert [step for step, _ in result.evaluations] == [50, 100, 150, 152]
-    assert np.mean(result.losses[-20:]) < np.mean(result.losses[:20]) - 0.05
+    result = fit(ce, train, batch_size=16, learning_rate=5e-5, evaluator=evaluator, eval_steps=20, seed=0)
+    assert result.steps == -(-len(train) // 16) == 38  # the last batch of the epoch is topped up
+    assert [step for step, _ in result.evaluations] == [20, 38]
+    assert np.mean(result.losses[-10:]) < np.mean(result.losses[:10]) - 0.3
     after = result.evaluations[-1][1]["average_precision"]
-    assert after > before + 0.1
+    assert before < 0.7 and after > 0.95
     # ce now scores with the trained weights, and its dropout stays off for scoring.
     assert evaluator(ce)["average_precision"] == pytest.approx(after)
     assert ce.engine.compile_count == compiled  # evaluating new weights reuses the scoring programs
