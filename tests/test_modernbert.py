@@ -98,11 +98,13 @@ def test_banded_attention_equals_the_masked_square_on_real_tokens(length, half, 
     import jax
     import numpy as np
 
-    from flax_ce.models.modernbert import attention_mask, banded_attention
+    from flax_ce.models.modernbert import banded_attention
 
     rng = np.random.default_rng(0)
     q, k, v = (2 * rng.standard_normal((3, length, 2, 4)).astype(np.float32) for _ in range(3))
     key_mask = np.arange(length)[None, :] < np.array(real_lengths)[:, None]
-    full = jax.nn.dot_product_attention(q, k, v, mask=attention_mask(key_mask, 2 * half))
-    band = banded_attention(q, k, v, key_mask, half)
+    positions = np.arange(length)
+    mask = key_mask[:, None, None, :] & (np.abs(positions[:, None] - positions[None, :]) <= half)
+    full = jax.nn.dot_product_attention(q, k, v, mask=mask)
+    band = banded_attention(q, k, v, key_mask, half, scale=0.5)
     assert np.abs(np.asarray(full - band))[key_mask].max() <= 1e-5

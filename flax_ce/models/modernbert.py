@@ -14,6 +14,7 @@ from flax import nnx
 from flax_ce.activations import HIDDEN_ACTIVATIONS
 from flax_ce.config import ConfigReader, LabelsMixin, read_labels
 from flax_ce.conversion.rules import KeyTable, Kind, Rule
+from flax_ce.models.attention import mask_bias, self_attention
 from flax_ce.models.family import Family
 from flax_ce.models.layers import dense, dropout, embedding, split_heads
 
@@ -179,17 +180,18 @@ def rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return (x32 * cos[:, None] + rotated * sin[:, None]).astype(x.dtype)
 
 
-def attention_mask(key_mask: jax.Array, window: int | None) -> jax.Array:
-    """[batch, 1, seq, seq] bool: real keys, within `window // 2` positions of the query when windowed."""
-    mask = key_mask[:, None, None, :]
+def attention_bias(key_mask: jax.Array, window: int | None) -> jax.Array:
+    """Additive fp32 bias [batch, 1, 1 or seq, seq]: real keys, within `window // 2` positions when windowed."""
     if window is None:
-        return mask
+        return mask_bias(key_mask)
     positions = jnp.arange(key_mask.shape[1])
     band = jnp.abs(positions[:, None] - positions[None, :]) <= window // 2
-    return mask & band[None, None]
+    return mask_bias(key_mask[:, None, :] & band[None])
 
 
-def banded_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, half: int) -> jax.Array:
+def banded_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, half: int, scale: float
+) -> jax.Array:
     """Attention within `half` positions either side, at the window's cost: q, k, v [batch, seq, heads, d].
 
     Queries go in blocks of `half`; block i sees key blocks i-1, i, i+1 (3 * half keys), which hold every
@@ -216,11 +218,12 @@ def banded_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Arr
     band = np.abs(query_pos[:, :, None] - key_pos[:, None, :]) <= half  # [blocks, half, 3 * half]
     mask = real[:, :, None, :] & band[None]
     fold = batch * blocks
-    context = jax.nn.dot_product_attention(
+    context = self_attention(
         pad(q, 0, tail).reshape(fold, half, heads, dim),
         keys.reshape(fold, 3 * half, heads, dim),
         values.reshape(fold, 3 * half, heads, dim),
-        mask=mask.reshape(fold, 1, half, 3 * half),
+        mask_bias(mask.reshape(fold, half, 3 * half)),
+        scale,
     )
     return context.reshape(batch, padded, heads, dim)[:, :length]
 
@@ -246,21 +249,15 @@ class Attention(nnx.Module):
         q, k, v = (split_heads(t, self.num_heads) for t in (q, k, v))
         cos, sin = (jnp.asarray(t) for t in rotary_tables(length, q.shape[-1], self.theta))
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-        if self.attention_dropout.rate > 0 and not self.attention_dropout.deterministic:
-            context = self._attention_with_dropout(q, k, v, attention_mask(key_mask, self.window))
-        elif self.window is not None and self.window // 2 >= 1 and length > 4 * self.window:
+        scale = 1.0 / float(np.sqrt(q.shape[-1]))
+        training = self.attention_dropout.rate > 0 and not self.attention_dropout.deterministic
+        if not training and self.window is not None and self.window // 2 >= 1 and length > 4 * self.window:
             # Several windows long: the band costs what the window costs; shorter, the full square is cheaper.
-            context = banded_attention(q, k, v, key_mask, self.window // 2)
+            context = banded_attention(q, k, v, key_mask, self.window // 2, scale)
         else:
-            context = jax.nn.dot_product_attention(q, k, v, mask=attention_mask(key_mask, self.window))
+            bias = attention_bias(key_mask, self.window)
+            context = self_attention(q, k, v, bias, scale, dropout=self.attention_dropout)
         return self.out_dropout(self.Wo(context.reshape(batch, length, hidden)))
-
-    def _attention_with_dropout(self, q, k, v, mask: jax.Array) -> jax.Array:
-        """Explicit softmax attention so dropout can act on the probabilities (training only)."""
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
-        scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
-        probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(q.dtype)
-        return jnp.einsum("bhqk,bkhd->bqhd", self.attention_dropout(probs), v)
 
 
 class GatedFeedForward(nnx.Module):
