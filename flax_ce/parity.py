@@ -222,10 +222,23 @@ class _Stage:
         return self.total / max(self.count, 1)
 
 
-def _encoder_layers(torch_model):
-    """The reference's list of encoder layers (`<base>.encoder.layer`), or None for another layout."""
-    encoder = getattr(torch_model.base_model, "encoder", None)
-    return getattr(encoder, "layer", None)
+# Where each layout keeps its layers and their two residual blocks: (torch layer list under the base
+# model, torch attention block, torch feed-forward block, flax attention block, flax feed-forward block).
+SUBBLOCK_LAYOUTS = (
+    ("encoder.layer", "attention", "output", "attention", "ffn"),  # BERT, RoBERTa, ELECTRA, DeBERTa
+    ("layers", "attn", "mlp", "attn", "mlp"),  # ModernBERT (block outputs before the residual add)
+)
+
+
+def _encoder_layers(torch_model) -> tuple[list, tuple[str, ...]] | tuple[None, None]:
+    """The reference's encoder layers and the layout naming their blocks, or (None, None) if unknown."""
+    for layout in SUBBLOCK_LAYOUTS:
+        found = torch_model.base_model
+        for name in layout[0].split("."):
+            found = getattr(found, name, None)
+        if found is not None:
+            return found, layout
+    return None, None
 
 
 def _reference_batch(st, pairs: Sequence[tuple[str, str]]) -> dict[str, np.ndarray]:
@@ -254,16 +267,18 @@ def _torch_forward(torch_model, batch: dict[str, np.ndarray], layers: bool):
     import torch
 
     attention, feed_forward, hooks = [], [], []
-    encoder_layers = _encoder_layers(torch_model) if layers else None
+    encoder_layers, layout = _encoder_layers(torch_model) if layers else (None, None)
     if encoder_layers is not None:
         for layer in encoder_layers:
             hooks.append(
-                layer.attention.register_forward_hook(
+                getattr(layer, layout[1]).register_forward_hook(
                     lambda module, args, out: attention.append(out[0] if isinstance(out, tuple) else out)
                 )
             )
             hooks.append(
-                layer.output.register_forward_hook(lambda module, args, out: feed_forward.append(out))
+                getattr(layer, layout[2]).register_forward_hook(
+                    lambda module, args, out: feed_forward.append(out)
+                )
             )
     try:
         with torch.inference_mode():
@@ -288,7 +303,7 @@ def _torch_forward(torch_model, batch: dict[str, np.ndarray], layers: bool):
 def _flax_forward(model: nnx.Module, input_ids, attention_mask, token_type_ids):
     """(logits, hidden states, attention-block outputs, feed-forward outputs) from flax_ce.
 
-    The sub-block lists are None when the model's layers have no `attention` / `ffn` submodules.
+    The sub-block lists are None when the model's layers have no blocks named in SUBBLOCK_LAYOUTS.
     """
     # nnx.capture records every submodule's output without changing the model code.
     states, intermediates = nnx.capture(model.encode, nnx.Intermediate, method_outputs=nnx.Intermediate)(
@@ -297,15 +312,12 @@ def _flax_forward(model: nnx.Module, input_ids, attention_mask, token_type_ids):
     # The whole forward's logits: a head may read more than the last hidden states (a pooling mask).
     logits = model(input_ids, attention_mask, token_type_ids)
     recorded = {path: value.get_value() for path, value in intermediates.flat_state()}
-    attention, feed_forward = [], []
-    for i in range(len(states) - 1):
-        a = recorded.get(("layers", i, "attention", "__call__"))
-        f = recorded.get(("layers", i, "ffn", "__call__"))
-        if not (a and f):
-            return logits, states, None, None
-        attention.append(a[0])
-        feed_forward.append(f[0])
-    return logits, states, attention, feed_forward
+    for *_, attention_name, ffn_name in SUBBLOCK_LAYOUTS:
+        attention = [recorded.get(("layers", i, attention_name, "__call__")) for i in range(len(states) - 1)]
+        feed_forward = [recorded.get(("layers", i, ffn_name, "__call__")) for i in range(len(states) - 1)]
+        if all(attention) and all(feed_forward):
+            return logits, states, [a[0] for a in attention], [f[0] for f in feed_forward]
+    return logits, states, None, None
 
 
 def _compare_forward(ours, st, pairs, batch_size: int, dtype: str, layers: bool):

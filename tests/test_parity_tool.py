@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from checkpoints import sample_pairs
+from checkpoints import build_modernbert, build_xlm_roberta, sample_pairs
 from support import TOLERANCE
 
 from flax_ce import CrossEncoder
@@ -27,8 +27,15 @@ REQUIRED_KEYS = {"max_abs_diff", "tolerance", "passed", "n_pairs", "spearman", "
 
 
 @pytest.fixture(scope="module")
-def all_dirs(family_dirs, minilm_dir, deberta_dirs) -> dict[str, str]:
-    return {**family_dirs, "minilm": minilm_dir, **deberta_dirs}
+def all_dirs(family_dirs, minilm_dir, deberta_dirs, tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("parity_tool")
+    return {
+        **family_dirs,
+        "minilm": minilm_dir,
+        **deberta_dirs,
+        "xlm-roberta": build_xlm_roberta(str(root / "xlm-roberta"), positions=130),
+        "modernbert": build_modernbert(str(root / "modernbert"), max_length=128),
+    }
 
 
 def run_json(capsys, *args: str) -> tuple[int, dict]:
@@ -49,7 +56,10 @@ def corrupted_copy(source: str, path: str, key: str, scale: float = 0.05) -> str
     return path
 
 
-@pytest.mark.parametrize("family", ["bert", "roberta", "electra", "minilm", "deberta-v1", "deberta-v3"])
+FAMILIES = ["bert", "roberta", "electra", "minilm", "deberta-v1", "deberta-v3", "xlm-roberta", "modernbert"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_cli_passes_on_every_family(family, all_dirs, capsys):
     code, report = run_json(capsys, all_dirs[family], "--layers", "--n", "16", "--batch-size", "16")
     print(
@@ -109,6 +119,14 @@ def test_cli_exits_1_and_names_layer_for_corrupted_deberta(deberta_dirs, tmp_pat
     assert report["first_divergence"] == "layer 2 (attention)"
     assert main(["parity", source, "--flax-model", bad, "--n", "8"]) == 1
     assert "rerun with --layers" in capsys.readouterr().out
+
+
+def test_corrupted_modernbert_names_the_layer_and_block(all_dirs, tmp_path):
+    source = all_dirs["modernbert"]
+    bad = corrupted_copy(source, str(tmp_path / "bad"), "model.layers.2.mlp.Wo.weight")
+    report = check(source, n=8, layers=True, flax_model=CrossEncoder(bad))
+    assert report.passed is False
+    assert report.first_divergence == "layer 3 (feed-forward)"
 
 
 def test_check_function(roberta_dir):
