@@ -112,16 +112,26 @@ class Rule:
         source = self.source.format(**match.groupdict())
         return (f"{source}.{torch_param}" if torch_param else source), layout
 
+    def key_pattern(self) -> str:
+        """A regex that fully matches the torch keys this rule reads (its module's parameters)."""
+        return self._source.pattern if self.kind is Kind.PARAM else self._source.pattern + r"\.[^.]+"
+
+    def moved_under(self, scope: str) -> Rule:
+        """The same rule with its flax_ce path under `scope` (e.g. `encoder.`)."""
+        return Rule(self.source, scope + self.target, self.kind, self.choices)
+
 
 @dataclasses.dataclass(frozen=True)
 class KeyTable:
     """A family's rules: `encoder` keys sit under the base-model `prefix` (optional on load, so a bare
-    encoder checkpoint loads too), `head` keys beside it; `ignore` lists keys the reference also drops."""
+    encoder checkpoint loads too), `head` keys beside it; `ignore` lists keys the reference also drops.
+    Export writes encoder keys under `prefix`, or bare with `write_prefix=False` (a base model's file)."""
 
     prefix: str
     encoder: tuple[Rule, ...]
     head: tuple[Rule, ...] = ()
     ignore: tuple[str, ...] = ()
+    write_prefix: bool = True
 
     def to_flax(self, key: str) -> tuple[tuple[str | int, ...], str] | None:
         """Flax parameter path and layout for one normalised torch key, or None if no rule matches."""
@@ -138,7 +148,8 @@ class KeyTable:
         key must land on the same path again."""
         dotted = ".".join(str(p) for p in path)
         found = set()
-        for prefix, rules in ((self.prefix, self.encoder), ("", self.head)):
+        encoder_prefix = self.prefix if self.write_prefix else ""
+        for prefix, rules in ((encoder_prefix, self.encoder), ("", self.head)):
             for rule in rules:
                 mapped = rule.to_torch(dotted)
                 if mapped is not None and self.to_flax(prefix + mapped[0]) == (path, mapped[1]):
@@ -151,6 +162,15 @@ class KeyTable:
     def ignored(self, key: str) -> bool:
         """True for keys the reference model also drops (buffers, LM heads, unused poolers)."""
         return any(re.fullmatch(pattern, key.removeprefix(self.prefix)) for pattern in self.ignore)
+
+    def headless(self, scope: str, head: tuple[Rule, ...]) -> KeyTable:
+        """This table for the family's encoder alone, its parameters under `scope`, followed by other
+        modules (`head`): encoder rules that filled the family's own head (BERT's pooler) become ignored
+        keys, as a base model's unused pooler is; export writes the encoder keys bare, as the base
+        model saves them."""
+        kept = tuple(rule.moved_under(scope) for rule in self.encoder if not rule.target.startswith("head."))
+        dropped = tuple(rule.key_pattern() for rule in self.encoder if rule.target.startswith("head."))
+        return KeyTable(self.prefix, kept, head, self.ignore + dropped, write_prefix=False)
 
 
 def _path(dotted: str) -> tuple[str | int, ...]:

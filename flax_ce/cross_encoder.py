@@ -27,22 +27,24 @@ from flax_ce.hub import resolve_model_dir
 from flax_ce.inputs import check_positive, check_text, normalise_pairs, shorten_long_texts
 from flax_ce.json_file import read_json
 from flax_ce.loading import load_model, load_tokenizer, read_config
+from flax_ce.models.modular import ModularConfig
 from flax_ce.preflight import min_pair_length
 from flax_ce.windows import DEFAULT_DOCUMENT_OVERLAP, aggregate_windows, build_windows, check_long_documents
 
 logger = logging.getLogger("flax_ce")
 
 
-def sentence_transformers_settings(model_dir: str) -> dict:
+def sentence_transformers_settings(model_dir: str, modular: bool = False) -> dict:
     """Settings of a directory saved by sentence-transformers (modules.json present), else {}.
 
-    Only a single Transformer module at the root is a plain cross-encoder; anything else is refused.
+    Only a single Transformer module at the root is a plain cross-encoder; anything else is refused, unless
+    `modular` says the modules were read (and checked) as a modular cross-encoder.
     """
     modules_path = os.path.join(model_dir, "modules.json")
     if not os.path.isfile(modules_path):
         return {}
     modules = read_json(modules_path, list, ConfigError)
-    if not (
+    if not modular and not (
         len(modules) == 1
         and isinstance(modules[0], dict)
         and str(modules[0].get("type", "")).endswith("Transformer")
@@ -120,7 +122,8 @@ def merge_prompts(
 
 
 class CrossEncoder:
-    """Scores text pairs with a BERT/RoBERTa/ELECTRA/DeBERTa cross-encoder, like sentence_transformers.CrossEncoder."""
+    """Scores text pairs with a BERT/RoBERTa/ELECTRA/DeBERTa/ModernBERT cross-encoder (or a sentence-transformers
+    modular one over such an encoder), like sentence_transformers.CrossEncoder."""
 
     def __init__(
         self,
@@ -163,7 +166,11 @@ class CrossEncoder:
         # threads sharing this instance take turns tokenizing (scoring still runs concurrently).
         self._tokenizer_lock = threading.Lock()
         # A fresh head on an encoder (e.g. a sentence-transformers bi-encoder) ignores that stack's settings.
-        st_settings = {} if fresh_head else sentence_transformers_settings(self.model_dir)
+        st_settings = (
+            {}
+            if fresh_head
+            else sentence_transformers_settings(self.model_dir, isinstance(self.config, ModularConfig))
+        )
         self.max_length = self._resolve_max_length(
             max_length if max_length is not None else st_settings.get("max_seq_length")
         )
@@ -368,6 +375,11 @@ class CrossEncoder:
         """(scores [N, num_labels], chosen window spans or None) for validated pairs, prompt applied."""
         check_long_documents(mode, overlap)
         prompt = self.resolve_prompt(prompt, prompt_name)
+        if prompt and isinstance(self.config, ModularConfig) and not self.config.pools_prompt:
+            raise ValueError(
+                "this model's Pooling leaves the prompt's tokens out (include_prompt=false), which flax_ce "
+                "does not implement; score without a prompt"
+            )
         if prompt:
             pairs = [(prompt + a, b) for a, b in pairs]
         check_positive("batch_size", batch_size, allow_none=True)

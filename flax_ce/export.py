@@ -14,6 +14,8 @@ from flax_ce.activations import torch_name
 from flax_ce.conversion.convert import torch_state_dict
 from flax_ce.conversion.files import WEIGHT_PATTERNS
 from flax_ce.models import family_of
+from flax_ce.models.modular import ModularConfig
+from flax_ce.st_modules import TRANSFORMER_ENTRY, TRANSFORMER_SETTINGS, modules_json, write_modules
 
 # Written fresh below, or stale once the weights are ours (fp32) and the activation is recorded.
 REPLACED_KEYS = ("architectures", "id2label", "label2id", "num_labels", "torch_dtype", "dtype")
@@ -38,17 +40,21 @@ def export_config(ce) -> dict:
             "activations; set ce.activation_fn to one from flax_ce.activations.SCORE_ACTIVATIONS first"
         )
     config = {k: v for k, v in ce.raw_config.items() if k not in REPLACED_KEYS + STALE_KEYS}
-    labels = ce.config.labels
     st_section = config.get("sentence_transformers")
     st_section = st_section if isinstance(st_section, dict) else {}
     config.update(
         architectures=[family_of(ce.config).architecture],
-        num_labels=len(labels),
-        id2label={str(i): label for i, label in enumerate(labels)},
-        label2id={label: i for i, label in enumerate(labels)},
         dtype="float32",
         sentence_transformers={**st_section, "activation_fn": activation},
     )
+    # A modular model's labels are its modules', not its encoder's (whose config.json this is).
+    if not isinstance(ce.config, ModularConfig):
+        labels = ce.config.labels
+        config.update(
+            num_labels=len(labels),
+            id2label={str(i): label for i, label in enumerate(labels)},
+            label2id={label: i for i, label in enumerate(labels)},
+        )
     return config
 
 
@@ -65,21 +71,20 @@ def remove_stale_files(path: str) -> list[str]:
 
 def sentence_transformers_files(ce, activation: str) -> dict[str, object]:
     """sentence-transformers' own settings files (as its 6.x save_pretrained writes them), which are the
-    only place it reads prompts from: a single Transformer module at the root, scoring with logits."""
-    return {
-        "modules.json": [
-            {
-                "idx": 0,
-                "name": "0",
-                "path": "",
-                "type": "sentence_transformers.base.modules.transformer.Transformer",
-            }
-        ],
-        "sentence_bert_config.json": {
+    only place it reads prompts from: a single Transformer module at the root, scoring with logits, or a
+    modular cross-encoder's Transformer giving token embeddings to the modules after it."""
+    if isinstance(ce.config, ModularConfig):
+        modules, transformer = modules_json(ce.config), TRANSFORMER_SETTINGS
+    else:
+        modules = [dict(TRANSFORMER_ENTRY)]
+        transformer = {
             "transformer_task": "sequence-classification",
             "modality_config": {"text": {"method": "forward", "method_output_name": "logits"}},
             "module_output_name": "scores",
-        },
+        }
+    return {
+        "modules.json": modules,
+        "sentence_bert_config.json": transformer,
         "config_sentence_transformers.json": {
             "model_type": "CrossEncoder",
             "activation_fn": activation,
@@ -94,7 +99,8 @@ def save_pretrained(ce, path: str | os.PathLike) -> None:
 
     A model with prompts also gets sentence-transformers' settings files (modules.json and its companions,
     the format of sentence-transformers 6), the only place it reads prompts from; without prompts the
-    directory is a plain transformers checkpoint that any sentence-transformers version loads.
+    directory is a plain transformers checkpoint that any sentence-transformers version loads. A modular
+    cross-encoder is always saved in its layout: the encoder at the root, each module in its folder.
     Saving into a directory that already holds a checkpoint (e.g. the one `ce` was loaded from) replaces
     it: other weight files and sentence-transformers settings files there are removed, so every loader
     reads exactly what was saved.
@@ -107,9 +113,12 @@ def save_pretrained(ce, path: str | os.PathLike) -> None:
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     remove_stale_files(path)
+    modular = isinstance(ce.config, ModularConfig)
+    if modular:
+        tensors = write_modules(path, ce.config, tensors)
     save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     files = {"config.json": config}
-    if ce.prompts or ce.default_prompt_name is not None:
+    if modular or ce.prompts or ce.default_prompt_name is not None:
         files.update(sentence_transformers_files(ce, config["sentence_transformers"]["activation_fn"]))
     for name, content in files.items():
         with open(os.path.join(path, name), "w", encoding="utf-8") as f:

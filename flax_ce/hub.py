@@ -22,6 +22,10 @@ ALLOW_PATTERNS = [
     "spm.model",
     "sentencepiece.bpe.model",
     *WEIGHT_PATTERNS,
+    # A modular cross-encoder's modules, in the folders sentence-transformers names "1_Pooling", "2_Dense", ...
+    "[0-9]*_*/config.json",
+    "[0-9]*_*/model.safetensors",
+    "[0-9]*_*/pytorch_model.bin",
 ]
 IGNORE_PATTERNS = ["onnx/*", "openvino/*", "*.onnx", "*.h5", "*.msgpack", "*.ot", "tf_model*", "flax_model*"]
 

@@ -12,14 +12,23 @@ from flax_ce.conversion.convert import build_module
 from flax_ce.conversion.files import find_weights, read_inventory, read_weights
 from flax_ce.hub import resolve_model_dir
 from flax_ce.models import build_model, config_from_dict, family_of
+from flax_ce.models.modular import ModularConfig
 from flax_ce.preflight import check_config_values, check_vocabulary, check_weights_fit, find_tokenizer_files
+from flax_ce.st_modules import is_modular_cross_encoder, modular_tensors, read_modular_config
 
 
 def load_model(model_dir: str | os.PathLike, config, dtype=jnp.float32, allow_missing: tuple[str, ...] = ()):
-    """The family module for `config`, filled strictly from the weights in `model_dir`."""
+    """The family module for `config`, filled strictly from the weights in `model_dir` (and, for a modular
+    cross-encoder, its modules' folders)."""
     weights_path = find_weights(model_dir)
-    check_weights_fit(config, build_model, read_inventory(weights_path), weights_path, allow_missing)
-    tensors = read_weights(weights_path)
+    inventory = read_inventory(weights_path)
+    if isinstance(config, ModularConfig):
+        # The root file holds the encoder alone: measured against the family model less its head.
+        check_weights_fit(config.encoder, build_model, inventory, weights_path, ("head.",))
+        tensors = modular_tensors(model_dir, config, read_weights(weights_path), weights_path)
+    else:
+        check_weights_fit(config, build_model, inventory, weights_path, allow_missing)
+        tensors = read_weights(weights_path)
     return build_module(
         lambda rngs: build_model(config, rngs=rngs, dtype=dtype),
         tensors,
@@ -49,6 +58,7 @@ def read_config(model_dir: str | os.PathLike, num_labels: int | None = None):
 
     `num_labels` (as sentence-transformers' argument) replaces the checkpoint's label set; the head is
     then new and randomly initialised, as it is for a bare encoder checkpoint (e.g. `BertModel`).
+    A sentence-transformers modular cross-encoder gives a ModularConfig (its modules fix the labels).
     """
     raw = load_config_json(model_dir)
     architectures = raw.get("architectures") or []
@@ -56,6 +66,8 @@ def read_config(model_dir: str | os.PathLike, num_labels: int | None = None):
         raise ConfigError(
             f"{os.path.join(model_dir, 'config.json')}: 'architectures' must be a list, got {architectures!r:.80}"
         )
+    if is_modular_cross_encoder(model_dir):
+        return raw, read_modular(model_dir, raw, architectures, num_labels), False
     fresh_head = num_labels is not None or not any(
         str(a).endswith("ForSequenceClassification") for a in architectures
     )
@@ -67,6 +79,26 @@ def read_config(model_dir: str | os.PathLike, num_labels: int | None = None):
     config = config_from_dict(raw, os.path.join(model_dir, "config.json"))
     check_config_values(config, os.path.join(model_dir, "config.json"))
     return raw, config, fresh_head
+
+
+def read_modular(model_dir: str | os.PathLike, raw: dict, architectures: list, num_labels: int | None):
+    """The ModularConfig of a modular cross-encoder: its plain encoder's config.json, then its modules."""
+    source = os.path.join(model_dir, "config.json")
+    encoder = config_from_dict(raw, source)
+    check_config_values(encoder, source)
+    config = read_modular_config(model_dir, encoder)
+    plain = family_of(config).architecture
+    if architectures not in ([], [plain]):
+        raise ConfigError(
+            f"{source}: architectures {architectures!r}: the Transformer module of a modular cross-encoder "
+            f"must be the plain encoder ({plain!r})"
+        )
+    if num_labels is not None and num_labels != config.num_labels:
+        raise ValueError(
+            f"num_labels={num_labels} cannot change a modular cross-encoder: its Dense modules give "
+            f"{config.num_labels} scores per pair"
+        )
+    return config
 
 
 def load(

@@ -21,6 +21,7 @@ from flax_ce.cross_encoder import CrossEncoder
 from flax_ce.engine import cast_params
 from flax_ce.hub import resolve_model_dir
 from flax_ce.inputs import check_positive, normalise_pairs, shorten_long_texts
+from flax_ce.models.modular import ModularCrossEncoder
 
 # How closely flax_ce must match the fp32 PyTorch reference (max absolute difference).
 # fp32: both sides compute in fp32 and differ only in summation order: ~1e-6 on every test checkpoint
@@ -262,10 +263,24 @@ def _reference_batch(st, pairs: Sequence[tuple[str, str]]) -> dict[str, np.ndarr
     }
 
 
-def _torch_forward(torch_model, batch: dict[str, np.ndarray], layers: bool):
+def _reference_scores(st, out, attention_mask: np.ndarray):
+    """The reference's scores for one forward of its transformers model: the classifier's logits, or for a
+    modular cross-encoder, its later modules run on the last hidden state as sentence-transformers runs them."""
+    import torch
+
+    if hasattr(out, "logits"):
+        return out.logits
+    features = {"token_embeddings": out.last_hidden_state, "attention_mask": torch.as_tensor(attention_mask)}
+    for module in list(st)[1:]:
+        features = module(features)
+    return features["scores"]
+
+
+def _torch_forward(st, batch: dict[str, np.ndarray], layers: bool):
     """(logits, hidden states, attention-block outputs, feed-forward outputs) from the reference."""
     import torch
 
+    torch_model = st.model
     attention, feed_forward, hooks = [], [], []
     encoder_layers, layout = _encoder_layers(torch_model) if layers else (None, None)
     if encoder_layers is not None:
@@ -286,6 +301,7 @@ def _torch_forward(torch_model, batch: dict[str, np.ndarray], layers: bool):
                 **{k: torch.as_tensor(v, dtype=torch.long) for k, v in batch.items()},
                 output_hidden_states=layers,
             )
+            logits = _reference_scores(st, out, batch["attention_mask"])
     finally:
         for hook in hooks:
             hook.remove()
@@ -296,7 +312,7 @@ def _torch_forward(torch_model, batch: dict[str, np.ndarray], layers: bool):
         if complete
         else (None, None)
     )
-    return out.logits.float().numpy(), hidden, *subblocks
+    return logits.float().numpy(), hidden, *subblocks
 
 
 @nnx.jit
@@ -312,9 +328,11 @@ def _flax_forward(model: nnx.Module, input_ids, attention_mask, token_type_ids):
     # The whole forward's logits: a head may read more than the last hidden states (a pooling mask).
     logits = model(input_ids, attention_mask, token_type_ids)
     recorded = {path: value.get_value() for path, value in intermediates.flat_state()}
+    scope = ("encoder",) if isinstance(model, ModularCrossEncoder) else ()
     for *_, attention_name, ffn_name in SUBBLOCK_LAYOUTS:
-        attention = [recorded.get(("layers", i, attention_name, "__call__")) for i in range(len(states) - 1)]
-        feed_forward = [recorded.get(("layers", i, ffn_name, "__call__")) for i in range(len(states) - 1)]
+        layers = range(len(states) - 1)
+        attention = [recorded.get((*scope, "layers", i, attention_name, "__call__")) for i in layers]
+        feed_forward = [recorded.get((*scope, "layers", i, ffn_name, "__call__")) for i in layers]
         if all(attention) and all(feed_forward):
             return logits, states, [a[0] for a in attention], [f[0] for f in feed_forward]
     return logits, states, None, None
@@ -330,7 +348,7 @@ def _compare_forward(ours, st, pairs, batch_size: int, dtype: str, layers: bool)
     ref_logits = []
     for start in range(0, len(pairs), batch_size):
         batch = _reference_batch(st, pairs[start : start + batch_size])
-        logits, hidden, attention, ffn = _torch_forward(st.model, batch, layers)
+        logits, hidden, attention, ffn = _torch_forward(st, batch, layers)
         ref_logits.append(logits)
         if not layers:
             continue

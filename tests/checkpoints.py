@@ -263,7 +263,21 @@ def build_modernbert(
     torch.manual_seed(seed)
     tokenizer = save_modernbert_tokenizer(path, model_max_length=max_length)
     labels = {"id2label": {i: f"label {i}" for i in range(num_labels)}} if num_labels > 1 else {}
-    config = transformers.ModernBertConfig(
+    config = modernbert_config(
+        tokenizer, classifier_pooling=pooling, num_labels=num_labels, **labels, **overrides
+    )
+    model = transformers.ModernBertForSequenceClassification(config)
+    init_large_std(model, seed=seed)
+    model.eval().save_pretrained(path)
+    return path
+
+
+def modernbert_config(tokenizer, **overrides):
+    """The tiny ModernBERT of the tests: 4 layers, global attention in layers 0 and 3, a 16-token local
+    window, non-default rotary thetas."""
+    import transformers
+
+    return transformers.ModernBertConfig(
         **{
             "vocab_size": len(tokenizer),
             "hidden_size": 32,
@@ -275,20 +289,39 @@ def build_modernbert(
             "global_attn_every_n_layers": 3,
             "global_rope_theta": 80_000.0,
             "local_rope_theta": 5_000.0,
-            "classifier_pooling": pooling,
-            "num_labels": num_labels,
             "pad_token_id": tokenizer.pad_token_id,
             "cls_token_id": tokenizer.cls_token_id,
             "sep_token_id": tokenizer.sep_token_id,
             "bos_token_id": tokenizer.cls_token_id,
             "eos_token_id": tokenizer.sep_token_id,
-            **labels,
             **overrides,
         }
     )
-    model = transformers.ModernBertForSequenceClassification(config)
-    init_large_std(model, seed=seed)
-    model.eval().save_pretrained(path)
+
+
+def build_modular(path: str, encoder: str, head, *, seed: int = 0, max_length: int = 640) -> str:
+    """A sentence-transformers modular CrossEncoder saved by its own save_pretrained: a plain random
+    encoder ("modernbert": the tiny ModernBERT, or "bert") at the root, then `head(hidden_size)`, its
+    list of modules; every weight drawn with std 0.2 (norms near 1)."""
+    import torch
+    import transformers
+    from sentence_transformers import CrossEncoder
+    from sentence_transformers.base.modules import Transformer
+
+    torch.manual_seed(seed)
+    encoder_dir = path + "-encoder"
+    if encoder == "modernbert":
+        tokenizer = save_modernbert_tokenizer(encoder_dir, model_max_length=max_length)
+        model = transformers.ModernBertModel(modernbert_config(tokenizer))
+    else:
+        tokenizer = save_tokenizer("wordpiece", encoder_dir, model_max_length=max_length)
+        config = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48)
+        model = transformers.BertModel(transformers.BertConfig(vocab_size=len(tokenizer), **config))
+    model.eval().save_pretrained(encoder_dir)
+    ce = CrossEncoder(modules=[Transformer(encoder_dir), *head(model.config.hidden_size)], device="cpu")
+    init_large_std(ce, seed=seed)
+    ce.eval().save_pretrained(path)
+    shutil.rmtree(encoder_dir)
     return path
 
 

@@ -47,8 +47,10 @@ def transformers_logits(model_dir: str, pairs, max_length: int, batch_size: int 
     return np.concatenate(out)
 
 
-def assert_matches_references(model_dir: str, pairs, batch_sizes=(1, 7, 32)) -> CrossEncoder:
-    """predict, logits and rank equal sentence-transformers' and transformers' within TOLERANCE."""
+def assert_matches_references(model_dir: str, pairs, batch_sizes=(1, 7, 32), modular=False) -> CrossEncoder:
+    """predict, logits and rank equal sentence-transformers' and transformers' within TOLERANCE (a
+    `modular` model's logits: sentence-transformers' scores before the activation)."""
+    import torch
     from sentence_transformers import CrossEncoder as STCrossEncoder
 
     ours = CrossEncoder(model_dir)
@@ -56,7 +58,12 @@ def assert_matches_references(model_dir: str, pairs, batch_sizes=(1, 7, 32)) -> 
     assert ours.max_length == theirs.max_length
     lengths = [len(ids) for ids in ours.tokenize(pairs)["input_ids"]]
     assert min(lengths) <= 8 and max(lengths) > 600, lengths  # the range the tests promise
-    logits = transformers_logits(model_dir, pairs, ours.max_length)
+    if modular:
+        logits = theirs.predict(pairs, batch_size=8, activation_fn=torch.nn.Identity()).reshape(
+            len(pairs), -1
+        )
+    else:
+        logits = transformers_logits(model_dir, pairs, ours.max_length)
     for batch_size in batch_sizes:
         st_scores = theirs.predict(pairs, batch_size=batch_size)
         assert np.abs(ours.predict(pairs, batch_size=batch_size) - st_scores).max() <= TOLERANCE

@@ -34,6 +34,9 @@ def test_allow_list_skips_onnx_and_openvino():
         "modules.json",  # sentence-transformers' own settings (activation, max length) come too
         "config_sentence_transformers.json",
         "sentence_bert_config.json",
+        "1_Pooling/config.json",  # a modular cross-encoder's modules
+        "2_Dense/config.json",
+        "2_Dense/model.safetensors",
     ]
     unwanted = [
         "README.md",
@@ -43,6 +46,7 @@ def test_allow_list_skips_onnx_and_openvino():
         "openvino/openvino_model.xml",
         "onnx/config.json",
         "tf_model.h5",
+        "2_Dense/README.md",
     ]
     fetched = filter_repo_objects(
         wanted + unwanted, allow_patterns=ALLOW_PATTERNS, ignore_patterns=IGNORE_PATTERNS

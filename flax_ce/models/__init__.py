@@ -12,6 +12,7 @@ from flax import nnx
 from flax_ce.config import ConfigError
 from flax_ce.models import bert, deberta, modernbert
 from flax_ce.models.family import Family
+from flax_ce.models.modular import ModularConfig, modular_family
 
 FAMILIES: dict[str, Family] = {
     family.model_type: family
@@ -25,10 +26,14 @@ FAMILIES: dict[str, Family] = {
         modernbert.MODERNBERT,
     )
 }
+# sentence-transformers' modular cross-encoders over each family's plain encoder (flax_ce/models/modular.py).
+MODULAR_FAMILIES: dict[str, Family] = {name: modular_family(family) for name, family in FAMILIES.items()}
 
 
 def family_of(config_or_model_type: Any) -> Family:
     """The Family of a config (or a `model_type` string)."""
+    if isinstance(config_or_model_type, ModularConfig):
+        return MODULAR_FAMILIES[config_or_model_type.model_type]
     model_type = getattr(config_or_model_type, "model_type", config_or_model_type)
     return FAMILIES[model_type]
 
