@@ -78,8 +78,9 @@ def resolve_model_dir(
             reason = f"{switch} and it is not in the cache"
         else:
             reason = "the Hugging Face hub is unreachable or refused it"
+        detail = " ".join(str(e).split())  # huggingface_hub's messages span lines; keep ours on one
         raise OSError(
-            f"could not fetch {path!r} from the Hugging Face hub ({reason}: {type(e).__name__}: {e}). "
+            f"could not fetch {path!r} from the Hugging Face hub ({reason}: {type(e).__name__}: {detail}). "
             "Download the model elsewhere (config.json, tokenizer files and model.safetensors or "
             "pytorch_model.bin) and pass its local directory instead, e.g. CrossEncoder('/path/to/model')."
         ) from e
