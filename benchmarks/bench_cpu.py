@@ -32,6 +32,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+from report import write_results  # noqa: E402
+
 # Length bands in tokens (lower bound inclusive, upper exclusive); 512 is the truncated limit itself.
 BANDS = {"<64": (0, 64), "64-128": (64, 128), "128-256": (128, 256), "256-511": (256, 512), "512": (512, 513)}
 
@@ -443,12 +445,7 @@ def main() -> None:
             for name, runs in results.items()
         },
     }
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump(result, f, indent=2)
-    with open(args.out + ".md", "w") as f:
-        f.write(to_markdown(result))
-    print(to_markdown(result))
+    write_results(args.out, result, to_markdown(result))
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+from report import write_results  # noqa: E402
+
 # tokens per pair -> pairs scored in one call at that length
 LENGTHS = {1024: 4, 4096: 2, 8192: 1}
 
@@ -240,12 +242,7 @@ def main() -> None:
         "summary": summarise(runs, workload),
         "runs": runs,
     }
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump(result, f, indent=2)
-    with open(args.out + ".md", "w") as f:
-        f.write(to_markdown(result))
-    print(to_markdown(result))
+    write_results(args.out, result, to_markdown(result))
 
 
 if __name__ == "__main__":
