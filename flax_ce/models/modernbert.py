@@ -263,7 +263,9 @@ class Attention(nnx.Module):
         q, k, v = (split_heads(t, self.num_heads) for t in (q, k, v))
         cos, sin = (jnp.asarray(t) for t in rotary_tables(length, q.shape[-1], self.theta))
         segment_ids = None
-        if packing is not None:  # rotary positions restart at every pair
+        if packing is not None:
+            # Rotary positions restart at every pair. Scores depend on i - j only, so this changes them by
+            # rounding alone, but it gives each pair the very tables (and rounding) it gets unpacked.
             cos, sin, segment_ids = cos[packing.positions], sin[packing.positions], packing.segment_ids
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         if self.attention_dropout.rate > 0 and not self.attention_dropout.deterministic:
