@@ -15,6 +15,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from flax_ce.models.packing import Packing
+from flax_ce.packing import PackedBatch, pack_rows, packed_arrays, slots_for_length
+
 logger = logging.getLogger("flax_ce")
 
 LENGTH_BUCKET = 32
@@ -22,6 +25,13 @@ LENGTH_BUCKET = 32
 BATCH_MENU = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 DEFAULT_TOKEN_BUDGET = 4096  # best of 2048-16384 on 2 CPU cores (benchmarks/results/cpu.md at 26a75b2)
 PIPELINE_DEPTH = 2  # batches in flight before the host waits for the oldest result
+# Packed scoring puts pairs of up to this many tokens side by side in rows of this length (or max_length);
+# a longer pair opens a row of its own bucket, which shorter ones fill. On CPU a token costs about the same
+# in rows of 32 to 128 tokens and more beyond (attention grows with the row), so 256-token rows, though
+# they removed twice the padding, were no faster on the MiniLM workload (benchmarks/bench_packing.py).
+PACK_LENGTH = 128
+# With packing=None (auto), a call is packed only if that removes at least this share of its padded tokens.
+PACKING_MIN_SAVING = 0.05
 # Compiled programs kept per engine: more than any one plan's shape set (about 100 with the defaults).
 MAX_PROGRAMS = 256
 
@@ -98,6 +108,66 @@ def planned_shapes(
             (min(full, _round_up(b, multiple)), length) for b in BATCH_MENU if _round_up(b, multiple) < full
         )
     return shapes
+
+
+def plan_packed(
+    lengths: Sequence[int],
+    max_length: int,
+    *,
+    batch_size: int | None = None,
+    token_budget: int = DEFAULT_TOKEN_BUDGET,
+    multiple: int = 1,
+    pack_length: int = PACK_LENGTH,
+) -> list[PackedBatch]:
+    """Packed rows in batches of one length: as many rows as `plan_batches` would give that length (a
+    length's last batch shrinks to a menu size); with batch_size, also at most batch_size pairs a batch, as
+    sentence-transformers' batch_size means.
+
+    Pairs up to pack_length tokens share rows of pack_length, a longer pair opens a row of its bucket
+    (flax_ce.packing.pack_rows); each row is then cut to the bucket of the tokens it holds, so a pair that
+    found no partner costs what it costs unpacked."""
+    pack_length = min(pack_length, max_length)
+
+    def capacity(need: int) -> int:
+        return bucket_length(need, max_length) if need > pack_length else pack_length
+
+    def max_pairs(used: int) -> int:
+        return slots_for_length(bucket_length(used, max_length), batch_size)
+
+    by_length: dict[int, list[list[int]]] = {}
+    for used, members in pack_rows(lengths, capacity, max_pairs):
+        by_length.setdefault(bucket_length(used, max_length), []).append(members)
+    batches = []
+    for length in sorted(by_length, reverse=True):
+        full = rows_for_length(length, batch_size, token_budget, multiple)
+        rows_left, start = by_length[length], 0
+        while start < len(rows_left):
+            end, pairs = start, 0
+            while end - start < full and end < len(rows_left):
+                if batch_size is not None and pairs + len(rows_left[end]) > batch_size:
+                    break
+                pairs += len(rows_left[end])
+                end += 1
+            take = end - start
+            rows = full if take == full else min(full, _round_up(_menu_at_least(take), multiple))
+            grid = np.full((rows, slots_for_length(length, batch_size)), -1, dtype=np.int64)
+            for r, members in enumerate(rows_left[start:end]):
+                grid[r, : len(members)] = members
+            batches.append(PackedBatch(grid, length))
+            start = end
+    return batches
+
+
+def planned_packed_shapes(
+    max_length: int,
+    *,
+    batch_size: int | None = None,
+    token_budget: int = DEFAULT_TOKEN_BUDGET,
+    multiple: int = 1,
+) -> set[tuple[int, int, int]]:
+    """Every (rows, length, slots) shape `plan_packed` can produce for this setting: the compile set."""
+    shapes = planned_shapes(max_length, batch_size=batch_size, token_budget=token_budget, multiple=multiple)
+    return {(rows, length, slots_for_length(length, batch_size)) for rows, length in shapes}
 
 
 def pad_rows(
@@ -179,19 +249,23 @@ def cast_params(state, dtype) -> nnx.State:
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
 
 
-def jit_forward(graphdef, mesh: Mesh | None = None, activation_fn: Callable | None = None) -> Callable:
+def jit_forward(
+    graphdef, mesh: Mesh | None = None, activation_fn: Callable | None = None, packed: bool = False
+) -> Callable:
     """jitted fn(state, input_ids, attention_mask, token_type_ids) -> fp32 activation(logits) for a model's
-    graphdef; with a mesh, inputs are split over its "batch" axis and the state is replicated."""
+    graphdef; with a mesh, inputs are split over its "batch" axis and the state is replicated. `packed`:
+    fn(..., packing) for packed rows, returning the logits of row r's slot s at row r * slots + s."""
     activation_fn = activation_fn or (lambda x: x)
 
-    def forward(state, input_ids, attention_mask, token_type_ids):
-        logits = nnx.merge(graphdef, state)(input_ids, attention_mask, token_type_ids)
-        return activation_fn(logits).astype(jnp.float32)
+    def forward(state, input_ids, attention_mask, token_type_ids, *packing: Packing):
+        logits = nnx.merge(graphdef, state)(input_ids, attention_mask, token_type_ids, *packing)
+        return activation_fn(logits.reshape(-1, logits.shape[-1])).astype(jnp.float32)
 
     if mesh is None:
         return jax.jit(forward)
     replicated, split = NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("batch"))
-    return jax.jit(forward, in_shardings=(replicated, split, split, split), out_shardings=split)
+    inputs = (split,) * (4 if packed else 3)  # a Packing's arrays all split like the rows they describe
+    return jax.jit(forward, in_shardings=(replicated, *inputs), out_shardings=split)
 
 
 def make_scorer(model: nnx.Module, activation_fn: Callable | None = None, mesh: Mesh | None = None):
@@ -218,8 +292,12 @@ class ScoringEngine:
         mesh: Mesh | None = None,
         dtype=jnp.float32,
         max_programs: int = MAX_PROGRAMS,
+        packing: bool | None = False,
     ):
         self.pad_id = pad_id
+        # Several pairs per row (flax_ce.packing) instead of one; None: whichever plan pads less.
+        self.packing = packing
+        self.pack_length = PACK_LENGTH
         self.max_length = max_length
         self.mesh = mesh
         self.dtype = dtype
@@ -228,9 +306,10 @@ class ScoringEngine:
         self.compile_count = 0  # programs built by this engine (compiled, or loaded from the cache)
         self.compile_seconds = 0.0
         self.xla_compiles = 0  # of those, real XLA compilations (not persistent-cache hits)
-        self._programs: OrderedDict[tuple[int, int], Callable] = OrderedDict()
+        self._programs: OrderedDict[tuple[int, int, int], Callable] = OrderedDict()
         self._signature = None
         self._forward: Callable | None = None
+        self._packed_forward: Callable | None = None
         self._placed: tuple[list, nnx.State] | None = None
 
     def weights(self, model: nnx.Module) -> nnx.State:
@@ -245,6 +324,7 @@ class ScoringEngine:
         if signature != self._signature:
             self._programs.clear()
             self._forward = jit_forward(graphdef, self.mesh)
+            self._packed_forward = jit_forward(graphdef, self.mesh, packed=True)
             self._signature, self._placed = signature, None
         if self._placed is None or any(a is not b for a, b in zip(self._placed[0], leaves, strict=True)):
             self._placed = (leaves, self._place(state))
@@ -254,16 +334,21 @@ class ScoringEngine:
         state = cast_params(state, self.dtype)
         return jax.device_put(state, NamedSharding(self.mesh, PartitionSpec())) if self.mesh else state
 
-    def compiled(self, state: nnx.State, rows: int, length: int) -> Callable:
-        """The compiled program for one [rows, length] shape, compiling (and timing) it the first time."""
-        key = (rows, length)
+    def compiled(self, state: nnx.State, rows: int, length: int, slots: int = 0) -> Callable:
+        """The compiled program for one [rows, length] shape (packed rows of `slots` pairs when slots > 0),
+        compiling (and timing) it the first time."""
+        key = (rows, length, slots)
         if key in self._programs:
             self._programs.move_to_end(key)
             return self._programs[key]
         spec = jax.ShapeDtypeStruct((rows, length), jnp.int32)
         before = dict(_events)
         start = time.perf_counter()
-        executable = self._forward.lower(state, spec, spec, spec).compile()
+        if slots:
+            packing = Packing(spec, spec, jax.ShapeDtypeStruct((rows, slots), jnp.int32))
+            executable = self._packed_forward.lower(state, spec, spec, spec, packing).compile()
+        else:
+            executable = self._forward.lower(state, spec, spec, spec).compile()
         elapsed = time.perf_counter() - start
         # A persistent-cache hit is also reported as a backend compile (it wraps the retrieval).
         xla_compiles = (_events[BACKEND_COMPILE_EVENT] - before[BACKEND_COMPILE_EVENT]) - (
@@ -273,9 +358,10 @@ class ScoringEngine:
         self.compile_seconds += elapsed
         self.xla_compiles += xla_compiles
         logger.debug(
-            "scoring shape [%d, %d]: %s in %.2fs",
+            "scoring shape [%d, %d] (%d slots): %s in %.2fs",
             rows,
             length,
+            slots,
             "compiled" if xla_compiles else "loaded from the compilation cache",
             elapsed,
         )
@@ -287,30 +373,49 @@ class ScoringEngine:
     def warmup(
         self,
         model: nnx.Module,
-        shapes: Iterable[tuple[int, int]],
+        shapes: Iterable[tuple[int, ...]],
         num_outputs: int,
         activation_fn: Callable[[jax.Array], jax.Array] | None = None,
     ) -> None:
-        """Compile the given [rows, length] shapes ahead of time, and the activation's operations for
-        each batch's [rows, num_outputs] logits."""
+        """Compile the given [rows, length] (or packed [rows, length, slots]) shapes ahead of time, and the
+        activation's operations for each batch's [rows (x slots), num_outputs] logits."""
         state = self.weights(model)
-        for rows, length in sorted(shapes):
-            self.compiled(state, rows, length)
+        for shape in sorted(shapes):
+            self.compiled(state, *shape)
             if activation_fn is not None:
-                jax.block_until_ready(activation_fn(jnp.zeros((rows, num_outputs), jnp.float32)))
+                scored_rows = shape[0] * max(shape[2:] or (1,))
+                jax.block_until_ready(activation_fn(jnp.zeros((scored_rows, num_outputs), jnp.float32)))
 
-    def _host_arrays(self, ids: list[list[int]], types: list[list[int]] | None, batch: Batch):
-        """int32 [rows, length] arrays; rows beyond the inputs are padding (their scores are dropped)."""
-        input_ids, mask, token_types = pad_rows(
-            [ids[i] for i in batch.indices],
-            None if types is None else [types[i] for i in batch.indices],
-            (batch.rows, batch.length),
-            self.pad_id,
-        )
+    def _host_arrays(self, ids: list[list[int]], types: list[list[int]] | None, batch: Batch | PackedBatch):
+        """int32 [rows, length] arrays (and a Packing for packed rows); rows and slots beyond the inputs are
+        padding (their scores are dropped)."""
+        if isinstance(batch, PackedBatch):
+            arrays = packed_arrays(ids, types, batch, self.pad_id)
+        else:
+            arrays = pad_rows(
+                [ids[i] for i in batch.indices],
+                None if types is None else [types[i] for i in batch.indices],
+                (batch.rows, batch.length),
+                self.pad_id,
+            )
         if self.mesh is not None:
-            split = NamedSharding(self.mesh, PartitionSpec("batch"))
-            return tuple(jax.device_put(a, split) for a in (input_ids, mask, token_types))
-        return input_ids, mask, token_types
+            return jax.device_put(arrays, NamedSharding(self.mesh, PartitionSpec("batch")))
+        return arrays
+
+    def plan(
+        self, lengths: Sequence[int], batch_size: int | None, token_budget: int
+    ) -> list[Batch] | list[PackedBatch]:
+        """The batches for inputs of these lengths: packed, unpacked, or (packing None) the packed plan
+        only if it pads at least PACKING_MIN_SAVING fewer tokens."""
+        settings = {"batch_size": batch_size, "token_budget": token_budget, "multiple": self.multiple}
+        if self.packing is False:
+            return plan_batches(lengths, self.max_length, **settings)
+        packed = plan_packed(lengths, self.max_length, pack_length=self.pack_length, **settings)
+        if self.packing is None:
+            unpacked = plan_batches(lengths, self.max_length, **settings)
+            if padded_tokens(packed) > (1 - PACKING_MIN_SAVING) * padded_tokens(unpacked):
+                return unpacked
+        return packed
 
     def run(
         self,
@@ -330,23 +435,32 @@ class ScoringEngine:
         lambda too) reuses the programs, and its own operations see only the planned batch shapes.
         """
         out = np.zeros((len(ids), num_outputs), dtype=np.float32)
-        plan = plan_batches(
-            [len(x) for x in ids],
-            self.max_length,
-            batch_size=batch_size,
-            token_budget=token_budget,
-            multiple=self.multiple,
-        )
+        plan = self.plan([len(x) for x in ids], batch_size, token_budget)
         state = self.weights(model)
         pending: deque = deque()
         for batch in progress(plan):
-            executable = self.compiled(state, batch.rows, batch.length)
+            slots = batch.slots if isinstance(batch, PackedBatch) else 0
+            executable = self.compiled(state, batch.rows, batch.length, slots)
             # Dispatch is asynchronous: building the next host batch overlaps this one's compute.
             logits = executable(state, *self._host_arrays(ids, types, batch))
             pending.append((batch, logits if activation_fn is None else activation_fn(logits)))
             if len(pending) > PIPELINE_DEPTH:
-                done, scores = pending.popleft()
-                out[done.indices] = np.asarray(scores)[: len(done.indices)]
+                _gather(out, *pending.popleft())
         for done, scores in pending:
-            out[done.indices] = np.asarray(scores)[: len(done.indices)]
+            _gather(out, done, scores)
         return out
+
+
+def padded_tokens(plan: list[Batch] | list[PackedBatch]) -> int:
+    """Tokens a plan computes, padding included."""
+    return sum(batch.rows * batch.length for batch in plan)
+
+
+def _gather(out: np.ndarray, batch: Batch | PackedBatch, scores: jax.Array) -> None:
+    """Write one batch's scores [rows (x slots), C] to their inputs' rows of `out`, dropping padding."""
+    if isinstance(batch, PackedBatch):
+        flat = batch.pairs.reshape(-1)  # row r's slot s is score row r * slots + s
+        filled = np.flatnonzero(flat >= 0)
+        out[flat[filled]] = np.asarray(scores)[filled]
+    else:
+        out[batch.indices] = np.asarray(scores)[: len(batch.indices)]

@@ -120,6 +120,9 @@ def load(
     return model, load_tokenizer(model_dir, config), config
 
 
-def score(model: nnx.Module, input_ids, attention_mask, token_type_ids=None):
-    """Logits [batch, num_labels] (fp32) for int arrays [batch, seq]; pure, so callers can jit it."""
-    return model(input_ids, attention_mask, token_type_ids)
+def score(model: nnx.Module, input_ids, attention_mask, token_type_ids=None, packing=None):
+    """Logits [batch, num_labels] (fp32) for int arrays [batch, seq]; pure, so callers can jit it. With a
+    `flax_ce.models.packing.Packing` (rows of several pairs), logits [batch, slots, num_labels]."""
+    if packing is None:
+        return model(input_ids, attention_mask, token_type_ids)
+    return model(input_ids, attention_mask, token_type_ids, packing)

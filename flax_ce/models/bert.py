@@ -27,6 +27,7 @@ from flax_ce.models.layers import (
     layer_norm,
     split_heads,
 )
+from flax_ce.models.packing import Packing, same_pair
 
 MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "electra")
 # XLM-RoBERTa is RoBERTa's architecture with a sentencepiece vocabulary (and, in bge-reranker-v2-m3,
@@ -133,19 +134,28 @@ class Embeddings(nnx.Module):
             dense(width, config.hidden_size, rngs=rngs, dtype=dtype) if width != config.hidden_size else None
         )
 
-    def position_ids(self, input_ids: jax.Array) -> jax.Array:
+    def position_ids(self, input_ids: jax.Array, pair_positions: jax.Array | None = None) -> jax.Array:
         """[batch, seq] positions: with an offset (RoBERTa) real tokens count from it and padding sits one
-        below (RoBERTa's padding_idx), computed from input_ids as the reference does; otherwise arange."""
+        below (RoBERTa's padding_idx), computed from input_ids as the reference does; otherwise arange.
+        Packed rows give each token's position within its pair: both counts restart at every pair."""
         if self.position_offset:
             real = (input_ids != self.pad_token_id).astype(jnp.int32)
-            return jnp.cumsum(real, axis=1) * real + self.position_offset - 1
+            count = jnp.cumsum(real, axis=1)
+            if pair_positions is not None:  # less the real tokens before the pair's first token
+                first = jnp.arange(input_ids.shape[1]) - pair_positions
+                count = count - jnp.take_along_axis(count - real, first, axis=1)
+            return count * real + self.position_offset - 1
+        if pair_positions is not None:
+            return pair_positions
         return jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
 
-    def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array) -> jax.Array:
+    def __call__(
+        self, input_ids: jax.Array, token_type_ids: jax.Array, pair_positions: jax.Array | None = None
+    ) -> jax.Array:
         x = (
             self.word(input_ids)
             + self.token_type(token_type_ids)
-            + self.position(self.position_ids(input_ids))
+            + self.position(self.position_ids(input_ids, pair_positions))
         )
         x = self.dropout(self.norm(x.astype(jnp.float32)).astype(x.dtype))
         return self.projection(x) if self.projection is not None else x
@@ -166,7 +176,8 @@ class SelfAttention(nnx.Module):
         )
 
     def __call__(self, x: jax.Array, key_mask: jax.Array) -> jax.Array:
-        """x [batch, seq, hidden], key_mask [batch, seq] bool -> [batch, seq, hidden]."""
+        """x [batch, seq, hidden], key_mask [batch, seq] bool (or [batch, seq, seq] for packed rows) ->
+        [batch, seq, hidden]."""
         q, k, v = (split_heads(proj(x), self.num_heads) for proj in (self.query, self.key, self.value))
         bias = mask_bias(key_mask)  # the same in every layer: XLA computes it once
         # 1 / sqrt(head_dim) in Python float, as the references compute it.
@@ -206,13 +217,20 @@ class BertCrossEncoder(nnx.Module):
         )
 
     def encode(
-        self, input_ids: jax.Array, attention_mask: jax.Array, token_type_ids: jax.Array | None = None
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array,
+        token_type_ids: jax.Array | None = None,
+        packing: Packing | None = None,
     ) -> list[jax.Array]:
         """Hidden states after the embeddings and after each layer, each [batch, seq, hidden]."""
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
-        key_mask = attention_mask.astype(bool)
-        x = self.embeddings(input_ids, token_type_ids)
+        if packing is None:
+            key_mask, positions = attention_mask.astype(bool), None
+        else:
+            key_mask, positions = same_pair(packing.segment_ids), packing.positions
+        x = self.embeddings(input_ids, token_type_ids, positions)
         states = [x]
         for layer in self.layers:
             x = layer(x, key_mask)
@@ -220,10 +238,16 @@ class BertCrossEncoder(nnx.Module):
         return states
 
     def __call__(
-        self, input_ids: jax.Array, attention_mask: jax.Array, token_type_ids: jax.Array | None = None
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array,
+        token_type_ids: jax.Array | None = None,
+        packing: Packing | None = None,
     ) -> jax.Array:
-        """input_ids, attention_mask, token_type_ids [batch, seq] int -> logits [batch, num_labels]."""
-        return self.head(self.encode(input_ids, attention_mask, token_type_ids)[-1])
+        """input_ids, attention_mask, token_type_ids [batch, seq] int -> logits [batch, num_labels];
+        packed rows give logits [batch, slots, num_labels]."""
+        hidden = self.encode(input_ids, attention_mask, token_type_ids, packing)[-1]
+        return self.head(hidden, None if packing is None else packing.starts)
 
 
 ENCODER_RULES = (

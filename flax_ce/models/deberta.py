@@ -29,6 +29,7 @@ from flax_ce.models.layers import (
     layer_norm,
     split_heads,
 )
+from flax_ce.models.packing import Packing, same_pair
 
 MODEL_TYPES = ("deberta", "deberta-v2")
 POS_ATT_TYPES = ("c2p", "p2c")
@@ -274,11 +275,19 @@ class Embeddings(nnx.Module):
         self.norm = layer_norm(config.hidden_size, config.layer_norm_eps, rngs=rngs)
         self.dropout = dropout(config.hidden_dropout_prob, rngs=rngs)
 
-    def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array, mask: jax.Array) -> jax.Array:
-        """[batch, seq] ids and bool mask -> [batch, seq, hidden]; padded positions are exactly zero."""
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        token_type_ids: jax.Array,
+        mask: jax.Array,
+        pair_positions: jax.Array | None = None,
+    ) -> jax.Array:
+        """[batch, seq] ids and bool mask -> [batch, seq, hidden]; padded positions are exactly zero.
+        Packed rows give each token's position within its pair."""
         x = self.word(input_ids)
         if self.position is not None:
-            x = x + self.position(jnp.arange(input_ids.shape[1]))[None]
+            positions = jnp.arange(input_ids.shape[1])[None] if pair_positions is None else pair_positions
+            x = x + self.position(positions)
         if self.token_type is not None:
             x = x + self.token_type(token_type_ids)
         if self.projection is not None:
@@ -412,12 +421,48 @@ class ConvLayer(nnx.Module):
         self.norm = layer_norm(config.hidden_size, config.layer_norm_eps, rngs=rngs)
         self.dropout = dropout(config.hidden_dropout_prob, rngs=rngs)
 
-    def __call__(self, embeddings: jax.Array, layer_output: jax.Array, mask: jax.Array) -> jax.Array:
-        """All [batch, seq, hidden] except mask [batch, seq] bool."""
+    def __call__(
+        self,
+        embeddings: jax.Array,
+        layer_output: jax.Array,
+        mask: jax.Array,
+        segment_ids: jax.Array | None = None,
+    ) -> jax.Array:
+        """All [batch, seq, hidden] except mask [batch, seq] bool (and packed rows' segment_ids)."""
         mask = mask[..., None]
-        out = self.act(self.dropout(jnp.where(mask, self.conv(embeddings), 0)))
+        conv = (
+            self.conv(embeddings) if segment_ids is None else self._conv_within_pairs(embeddings, segment_ids)
+        )
+        out = self.act(self.dropout(jnp.where(mask, conv, 0)))
         y = self.norm(layer_output.astype(jnp.float32) + out.astype(jnp.float32)).astype(layer_output.dtype)
         return y * mask.astype(y.dtype)
+
+    def _conv_within_pairs(self, x: jax.Array, segment_ids: jax.Array) -> jax.Array:
+        """The convolution of packed rows, each token's window cut at its pair's ends: the neighbouring
+        pairs' tokens read as zeros, as the padding of a pair alone does. Each token's window is gathered
+        ([batch * seq, kernel, hidden]) and convolved without padding."""
+        batch, length, hidden = x.shape
+        kernel = self.conv.kernel_size[0]
+        half = (kernel - 1) // 2
+        padded = jnp.pad(x, ((0, 0), (half, half), (0, 0)))
+        padded_segments = jnp.pad(segment_ids, ((0, 0), (half, half)))
+        taps = [
+            jnp.where(
+                (padded_segments[:, t : t + length] == segment_ids)[..., None], padded[:, t : t + length], 0
+            )
+            for t in range(kernel)
+        ]
+        windows = jnp.stack(taps, axis=2).reshape(batch * length, kernel, hidden)
+        dtype = self.conv.dtype or x.dtype
+        y = jax.lax.conv_general_dilated(
+            windows.astype(dtype),
+            self.conv.kernel[...].astype(dtype),
+            window_strides=(1,),
+            padding="VALID",
+            dimension_numbers=("NWC", "WIO", "NWC"),
+            feature_group_count=self.conv.feature_group_count,
+        )
+        return y.reshape(batch, length, -1) + self.conv.bias[...].astype(dtype)
 
 
 class DebertaCrossEncoder(nnx.Module):
@@ -470,28 +515,41 @@ class DebertaCrossEncoder(nnx.Module):
         return table, relative_position_index(length, span, config.position_buckets, config.relative_range)
 
     def encode(
-        self, input_ids: jax.Array, attention_mask: jax.Array, token_type_ids: jax.Array | None = None
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array,
+        token_type_ids: jax.Array | None = None,
+        packing: Packing | None = None,
     ) -> list[jax.Array]:
         """Hidden states after the embeddings and after each layer, each [batch, seq, hidden]."""
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
         mask = attention_mask.astype(bool)
-        pair_mask = mask[:, :, None] & mask[:, None, :]
+        pair_mask = mask[:, :, None] & mask[:, None, :] if packing is None else same_pair(packing.segment_ids)
+        positions, segment_ids = (None, None) if packing is None else (packing.positions, packing.segment_ids)
+        # Relative positions are i - j in packed rows too: within one pair (the only keys a query sees),
+        # the difference of positions within the pair is the difference of row indices.
         rel_embeddings, rel_index = self.relative_inputs(input_ids.shape[1])
-        x = self.embeddings(input_ids, token_type_ids, mask)
+        x = self.embeddings(input_ids, token_type_ids, mask, positions)
         states = [x]
         for i, layer in enumerate(self.layers):
             x = layer(x, pair_mask, rel_embeddings, rel_index)
             if i == 0 and self.conv is not None:
-                x = self.conv(states[0], x, mask)
+                x = self.conv(states[0], x, mask, segment_ids)
             states.append(x)
         return states
 
     def __call__(
-        self, input_ids: jax.Array, attention_mask: jax.Array, token_type_ids: jax.Array | None = None
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array,
+        token_type_ids: jax.Array | None = None,
+        packing: Packing | None = None,
     ) -> jax.Array:
-        """input_ids, attention_mask, token_type_ids [batch, seq] int -> logits [batch, num_labels]."""
-        return self.head(self.encode(input_ids, attention_mask, token_type_ids)[-1])
+        """input_ids, attention_mask, token_type_ids [batch, seq] int -> logits [batch, num_labels];
+        packed rows give logits [batch, slots, num_labels]."""
+        hidden = self.encode(input_ids, attention_mask, token_type_ids, packing)[-1]
+        return self.head(hidden, None if packing is None else packing.starts)
 
 
 # v1 and v2/v3 share embeddings, output blocks and feed-forward; the ContextPooler head sits beside the

@@ -16,8 +16,9 @@ class Family:
     """One architecture (`model_type` in config.json) as flax_ce loads, runs and exports it.
 
     `module(config, rngs=..., dtype=...)` returns an NNX module whose `__call__(input_ids, attention_mask,
-    token_type_ids)` gives fp32 logits and whose `encode(...)` gives the hidden states after the
-    embeddings and after each layer. Its config has `position_limit` (longest sequence its positions
+    token_type_ids, packing=None)` gives fp32 logits (per row, or per row and slot for packed rows, see
+    `flax_ce.models.packing`) and whose `encode(...)` gives the hidden states after the embeddings and
+    after each layer. Its config has `position_limit` (longest sequence its positions
     allow, or None), `vocab_size`, `type_vocab_size`, `num_labels` and `labels`.
     """
 

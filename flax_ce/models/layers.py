@@ -8,6 +8,7 @@ from flax import nnx
 
 from flax_ce.activations import HIDDEN_ACTIVATIONS
 from flax_ce.conversion.rules import Kind, Rule
+from flax_ce.models.packing import first_tokens
 
 # transformers' encoder layers name these blocks alike in BERT-like models and DeBERTa, and so do ours
 # (an attention block's output `ResidualOutput`, the `FeedForward`): their key rules are shared.
@@ -135,9 +136,11 @@ class ClassificationHead(nnx.Module):
         self.act = HIDDEN_ACTIVATIONS[act]
         self.dropout = dropout(dropout_rate, rngs=rngs)
 
-    def __call__(self, hidden_states: jax.Array) -> jax.Array:
-        """[batch, seq, hidden] -> logits [batch, num_labels] (fp32)."""
-        x = self.input_dropout(hidden_states[:, 0])
+    def __call__(self, hidden_states: jax.Array, starts: jax.Array | None = None) -> jax.Array:
+        """[batch, seq, hidden] -> logits [batch, num_labels] (fp32); with packed rows' `starts` [batch, slots],
+        each pair's first token is read instead: logits [batch, slots, num_labels]."""
+        x = hidden_states[:, 0] if starts is None else first_tokens(hidden_states, starts)
+        x = self.input_dropout(x)
         x = self.dropout(self.act(self.dense(x)))
         return self.out_proj(x).astype(jnp.float32)
 

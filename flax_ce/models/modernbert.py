@@ -17,6 +17,7 @@ from flax_ce.conversion.rules import KeyTable, Kind, Rule
 from flax_ce.models.attention import mask_bias, self_attention
 from flax_ce.models.family import Family
 from flax_ce.models.layers import dense, dropout, embedding, split_heads
+from flax_ce.models.packing import Packing, first_tokens, pair_means, same_pair
 
 LAYER_TYPES = ("full_attention", "sliding_attention")
 POOLINGS = ("cls", "mean")
@@ -173,26 +174,41 @@ def rotary_tables(length: int, head_dim: int, theta: float) -> tuple[np.ndarray,
 
 
 def rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotary embedding of x [batch, seq, heads, d] in fp32: x * cos + rotate_half(x) * sin."""
+    """Rotary embedding of x [batch, seq, heads, d] in fp32: x * cos + rotate_half(x) * sin, with cos and
+    sin [seq, d] (or [batch, seq, d], each token's own position in packed rows)."""
     x32 = x.astype(jnp.float32)
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
-    return (x32 * cos[:, None] + rotated * sin[:, None]).astype(x.dtype)
+    return (x32 * cos[..., None, :] + rotated * sin[..., None, :]).astype(x.dtype)
 
 
-def attention_bias(key_mask: jax.Array, window: int | None) -> jax.Array:
-    """Additive fp32 bias [batch, 1, 1 or seq, seq]: real keys, within `window // 2` positions when windowed."""
-    if window is None:
+def attention_bias(
+    key_mask: jax.Array, window: int | None, segment_ids: jax.Array | None = None
+) -> jax.Array:
+    """Additive fp32 bias [batch, 1, 1 or seq, seq]: real keys (of the query's own pair in packed rows),
+    within `window // 2` positions of the query when windowed. Within a pair, positions differ as row
+    indices do."""
+    if window is None and segment_ids is None:
         return mask_bias(key_mask)
+    mask = key_mask[:, None, :] if segment_ids is None else same_pair(segment_ids)
+    if window is None:
+        return mask_bias(mask)
     positions = jnp.arange(key_mask.shape[1])
     band = jnp.abs(positions[:, None] - positions[None, :]) <= window // 2
-    return mask_bias(key_mask[:, None, :] & band[None])
+    return mask_bias(mask & band[None])
 
 
 def banded_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, half: int, scale: float
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    key_mask: jax.Array,
+    half: int,
+    scale: float,
+    segment_ids: jax.Array | None = None,
 ) -> jax.Array:
-    """Attention within `half` positions either side, at the window's cost: q, k, v [batch, seq, heads, d].
+    """Attention within `half` positions either side, at the window's cost: q, k, v [batch, seq, heads, d];
+    in packed rows (`segment_ids` [batch, seq]) only to keys of the query's own pair.
 
     Queries go in blocks of `half`; block i sees key blocks i-1, i, i+1 (3 * half keys), which hold every
     key within reach, and the band mask removes the rest. Softmax over the same keys as the full masked
@@ -217,6 +233,10 @@ def banded_attention(
     key_pos = np.stack([np.arange(i * half - half, i * half + 2 * half) for i in range(blocks)])
     band = np.abs(query_pos[:, :, None] - key_pos[:, None, :]) <= half  # [blocks, half, 3 * half]
     mask = real[:, :, None, :] & band[None]
+    if segment_ids is not None:
+        key_segments = neighbours(pad(segment_ids, half, tail + half))
+        query_segments = pad(segment_ids, 0, tail).reshape(batch, blocks, half)
+        mask = mask & (query_segments[..., None] == key_segments[:, :, None, :])
     fold = batch * blocks
     context = self_attention(
         pad(q, 0, tail).reshape(fold, half, heads, dim),
@@ -241,21 +261,26 @@ class Attention(nnx.Module):
         self.attention_dropout = dropout(config.attention_dropout, rngs=rngs)
         self.out_dropout = dropout(config.attention_dropout, rngs=rngs)
 
-    def __call__(self, x: jax.Array, key_mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, key_mask: jax.Array, packing: Packing | None = None) -> jax.Array:
         """x [batch, seq, hidden], key_mask [batch, seq] bool -> [batch, seq, hidden]."""
         batch, length, hidden = x.shape
         # Wqkv's output is [3, heads, head_dim] on the last axis (q, k, v outermost).
         q, k, v = jnp.moveaxis(self.Wqkv(x).reshape(batch, length, 3, hidden), 2, 0)
         q, k, v = (split_heads(t, self.num_heads) for t in (q, k, v))
         cos, sin = (jnp.asarray(t) for t in rotary_tables(length, q.shape[-1], self.theta))
+        segment_ids = None
+        if packing is not None:
+            # Rotary positions restart at every pair. Scores depend on i - j only, so this changes them by
+            # rounding alone, but it gives each pair the very tables (and rounding) it gets unpacked.
+            cos, sin, segment_ids = cos[packing.positions], sin[packing.positions], packing.segment_ids
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         scale = 1.0 / float(np.sqrt(q.shape[-1]))
         training = self.attention_dropout.rate > 0 and not self.attention_dropout.deterministic
         if not training and self.window is not None and self.window // 2 >= 1 and length > 4 * self.window:
             # Several windows long: the band costs what the window costs; shorter, the full square is cheaper.
-            context = banded_attention(q, k, v, key_mask, self.window // 2, scale)
+            context = banded_attention(q, k, v, key_mask, self.window // 2, scale, segment_ids)
         else:
-            bias = attention_bias(key_mask, self.window)
+            bias = attention_bias(key_mask, self.window, segment_ids)
             context = self_attention(q, k, v, bias, scale, dropout=self.attention_dropout)
         return self.out_dropout(self.Wo(context.reshape(batch, length, hidden)))
 
@@ -286,9 +311,9 @@ class EncoderLayer(nnx.Module):
         self.mlp_norm = norm(hidden, config, rngs=rngs)
         self.mlp = GatedFeedForward(config, rngs=rngs, dtype=dtype)
 
-    def __call__(self, x: jax.Array, key_mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, key_mask: jax.Array, packing: Packing | None = None) -> jax.Array:
         normed = self.attn_norm(x).astype(x.dtype) if self.attn_norm is not None else x
-        x = x + self.attn(normed, key_mask)
+        x = x + self.attn(normed, key_mask, packing)
         return x + self.mlp(self.mlp_norm(x).astype(x.dtype))
 
 
@@ -317,10 +342,19 @@ class Head(nnx.Module):
         self.dropout = dropout(config.classifier_dropout, rngs=rngs)
         self.classifier = dense(hidden, config.num_labels, rngs=rngs, dtype=dtype)
 
-    def __call__(self, hidden_states: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
-        """[batch, seq, hidden] (after the final norm), mask [batch, seq] -> logits [batch, num_labels]."""
+    def __call__(
+        self,
+        hidden_states: jax.Array,
+        attention_mask: jax.Array | None = None,
+        packing: Packing | None = None,
+    ) -> jax.Array:
+        """[batch, seq, hidden] (after the final norm), mask [batch, seq] -> logits [batch, num_labels];
+        packed rows pool each pair's own tokens: logits [batch, slots, num_labels]."""
         if self.pooling == "cls":
-            pooled = hidden_states[:, 0]
+            pooled = hidden_states[:, 0] if packing is None else first_tokens(hidden_states, packing.starts)
+        elif packing is not None:
+            slots = packing.starts.shape[1]
+            pooled = pair_means(hidden_states, packing.segment_ids, slots).astype(hidden_states.dtype)
         else:
             if attention_mask is None:
                 attention_mask = jnp.ones(hidden_states.shape[:2], jnp.int32)
@@ -345,7 +379,11 @@ class ModernBertCrossEncoder(nnx.Module):
         self.head = Head(config, rngs=rngs, dtype=dtype)
 
     def encode(
-        self, input_ids: jax.Array, attention_mask: jax.Array, token_type_ids: jax.Array | None = None
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array,
+        token_type_ids: jax.Array | None = None,
+        packing: Packing | None = None,
     ) -> list[jax.Array]:
         """Hidden states after the embeddings and after each layer, the last one after the final norm (as
         transformers reports them), each [batch, seq, hidden]. Token types are ignored."""
@@ -353,16 +391,21 @@ class ModernBertCrossEncoder(nnx.Module):
         x = self.embeddings(input_ids)
         states = [x]
         for layer in self.layers:
-            x = layer(x, key_mask)
+            x = layer(x, key_mask, packing)
             states.append(x)
         states[-1] = self.final_norm(x).astype(x.dtype)
         return states
 
     def __call__(
-        self, input_ids: jax.Array, attention_mask: jax.Array, token_type_ids: jax.Array | None = None
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array,
+        token_type_ids: jax.Array | None = None,
+        packing: Packing | None = None,
     ) -> jax.Array:
-        """input_ids, attention_mask [batch, seq] int -> logits [batch, num_labels]."""
-        return self.head(self.encode(input_ids, attention_mask)[-1], attention_mask)
+        """input_ids, attention_mask [batch, seq] int -> logits [batch, num_labels]; packed rows give
+        logits [batch, slots, num_labels]."""
+        return self.head(self.encode(input_ids, attention_mask, packing=packing)[-1], attention_mask, packing)
 
 
 LAYER = "layers.{layer}"
