@@ -132,9 +132,19 @@ def merge_prompts(
 AUTO_PACKING_TYPES = ("bert", "roberta", "xlm-roberta", "electra")
 
 
-def default_packing(config) -> bool | None:
-    """packing=None's meaning for this model: None (the engine packs a call when that pads less) where
-    packing measured faster, else False."""
+def choose_packing(config, packing: bool | None) -> bool | None:
+    """The engine's packing setting: the user's, or for None, None (the engine packs a call when that pads
+    less) where packing measured faster, else False. Modular cross-encoders do not pack: their Pooling
+    modules read whole rows."""
+    if isinstance(config, ModularConfig):
+        if packing:
+            raise ValueError(
+                "packing=True: sentence-transformers modular cross-encoders (modules.json with Pooling/"
+                "Dense modules) cannot score packed rows yet; leave packing at None or False"
+            )
+        return False
+    if packing is not None:
+        return bool(packing)
     measured = config.model_type in AUTO_PACKING_TYPES and jax.default_backend() == "cpu"
     return None if measured else False
 
@@ -207,7 +217,7 @@ class CrossEncoder:
             max_length=self.max_length,
             mesh=mesh if mesh is not None else make_mesh(devices),
             dtype=dtype,
-            packing=default_packing(self.config) if packing is None else bool(packing),
+            packing=choose_packing(self.config, packing),
         )
 
     @property

@@ -86,6 +86,10 @@ def test_bert_encoder_with_other_modules(head, tmp_path):
     expected = theirs.predict(pairs, batch_size=7)
     assert ours.predict(pairs, batch_size=7).shape == expected.shape
     assert np.abs(ours.predict(pairs, batch_size=7) - expected).max() <= TOLERANCE
+    # A BERT encoder packs pairs by default, but Pooling modules read whole rows: modular ones do not pack.
+    assert np.abs(ours.predict(pairs) - expected).max() <= TOLERANCE
+    with pytest.raises(ValueError, match="modular cross-encoders .* cannot score packed rows"):
+        CrossEncoder(model_dir, packing=True)
 
 
 def edit_json(path: str, change) -> None:
