@@ -19,7 +19,6 @@ from flax_ce.engine import (
     DEFAULT_TOKEN_BUDGET,
     ScoringEngine,
     make_mesh,
-    planned_packed_shapes,
     planned_shapes,
     use_default_compilation_cache,
 )
@@ -280,31 +279,26 @@ class CrossEncoder:
 
     def warmup(self, batch_size: int | None = None, activation_fn: Callable | str | None = None) -> int:
         """Compile every shape predict() can use with this batch_size (None: the token budget) and the
-        activation's operations; returns how many scoring programs were compiled now. With the persistent
-        cache enabled, later processes load them."""
+        activation's operations; returns how many scoring programs were compiled now (one per shape, two
+        when packing=None may pack a call or not). With the persistent cache enabled, later processes
+        load them."""
         if isinstance(activation_fn, str):
             activation_fn = activation_from_name(activation_fn)
         before = self.engine.compile_count
         self.model.eval()
-        self.engine.warmup(
-            self.model, self.planned_shapes(batch_size), self.num_labels, activation_fn or self.activation_fn
-        )
+        programs = self.engine.programs(self.planned_shapes(batch_size), batch_size)
+        self.engine.warmup(self.model, programs, self.num_labels, activation_fn or self.activation_fn)
         return self.engine.compile_count - before
 
-    def planned_shapes(self, batch_size: int | None = None) -> set[tuple[int, ...]]:
-        """All [rows, length] shapes (with packing, [rows, length, slots]) predict() may compile for this
-        batch_size (None: the token budget)."""
-        settings = {
-            "batch_size": batch_size,
-            "token_budget": self.token_budget,
-            "multiple": self.engine.multiple,
-        }
-        shapes = set()
-        if self.engine.packing is not True:
-            shapes |= planned_shapes(self.max_length, **settings)
-        if self.engine.packing is not False:
-            shapes |= planned_packed_shapes(self.max_length, **settings)
-        return shapes
+    def planned_shapes(self, batch_size: int | None = None) -> set[tuple[int, int]]:
+        """All [rows, length] shapes predict() may compile for this batch_size (None: the token budget);
+        packed batches have the same shapes, with a fixed number of pairs a row for each length."""
+        return planned_shapes(
+            self.max_length,
+            batch_size=batch_size,
+            token_budget=self.token_budget,
+            multiple=self.engine.multiple,
+        )
 
     def _scores_for_mode(
         self, pairs, activation_fn: Callable, batch_size, show_progress_bar, mode: str, overlap: int
