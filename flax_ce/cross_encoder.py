@@ -120,12 +120,13 @@ def merge_prompts(
 
 
 # Families whose scoring packs by default, per call, when packing pads >= 5% fewer tokens (engine.plan).
-# Measured on CPU (benchmarks/bench_packing.py: fresh process per variant, alternated, median of rounds;
-# 2 shared cores): the BERT encoder (real MiniLM-L6) scored 300 MS MARCO-like pairs (mean 121 tokens, 8%
-# fewer padded tokens packed) 1.11x faster (1.06-1.18 over 5 rounds) and 1,000 short pairs (mean 54
-# tokens, 19% fewer) 1.15x; 300 short pairs (9% fewer) were neither faster nor slower. RoBERTa, XLM-R and
-# ELECTRA run the same encoder. A DeBERTa-v3-xsmall shape was no faster (its relative attention costs
-# more in longer rows); ModernBERT and accelerators are not measured: packing stays off there.
+# Measured on CPU (benchmarks/results/packing.md: fresh process per variant, alternated, 2 shared cores):
+# the BERT encoder (real MiniLM-L6) scored 300 MS MARCO-like pairs (mean 121 tokens, 8% fewer padded
+# tokens packed) 1.08x faster (median of 9 rounds, 0.92-1.18) and 1,000 short pairs (mean 54 tokens, 19%
+# fewer) 1.15x (0.95-1.30); 300 short pairs (9% fewer) were neither faster nor slower (1.01x). RoBERTa,
+# XLM-R and ELECTRA run the same encoder. A DeBERTa-v3-xsmall shape showed no clear gain (1.05x by round,
+# 0.98x by median rates, 1.00x timed in one process: its relative attention costs more in longer rows);
+# ModernBERT and accelerators are not measured. Packing stays off for those unless asked.
 AUTO_PACKING_TYPES = ("bert", "roberta", "xlm-roberta", "electra")
 
 
