@@ -19,7 +19,6 @@ from flax_ce.engine import (
     DEFAULT_TOKEN_BUDGET,
     ScoringEngine,
     make_mesh,
-    planned_packed_shapes,
     planned_shapes,
     use_default_compilation_cache,
 )
@@ -123,12 +122,13 @@ def merge_prompts(
 
 
 # Families whose scoring packs by default, per call, when packing pads >= 5% fewer tokens (engine.plan).
-# Measured on CPU (benchmarks/bench_packing.py: fresh process per variant, alternated, median of rounds;
-# 2 shared cores): the BERT encoder (real MiniLM-L6) scored 300 MS MARCO-like pairs (mean 121 tokens, 8%
-# fewer padded tokens packed) 1.11x faster (1.06-1.18 over 5 rounds) and 1,000 short pairs (mean 54
-# tokens, 19% fewer) 1.15x; 300 short pairs (9% fewer) were neither faster nor slower. RoBERTa, XLM-R and
-# ELECTRA run the same encoder. A DeBERTa-v3-xsmall shape was no faster (its relative attention costs
-# more in longer rows); ModernBERT and accelerators are not measured: packing stays off there.
+# Measured on CPU (benchmarks/results/packing.md: fresh process per variant, alternated, 2 shared cores):
+# the BERT encoder (real MiniLM-L6) scored 300 MS MARCO-like pairs (mean 121 tokens, 8% fewer padded
+# tokens packed) 1.08x faster (median of 9 rounds, 0.92-1.18) and 1,000 short pairs (mean 54 tokens, 19%
+# fewer) 1.15x (0.95-1.30); 300 short pairs (9% fewer) were neither faster nor slower (1.01x). RoBERTa,
+# XLM-R and ELECTRA run the same encoder. A DeBERTa-v3-xsmall shape showed no clear gain (1.05x by round,
+# 0.98x by median rates, 1.00x timed in one process: its relative attention costs more in longer rows);
+# ModernBERT and accelerators are not measured. Packing stays off for those unless asked.
 AUTO_PACKING_TYPES = ("bert", "roberta", "xlm-roberta", "electra")
 
 
@@ -297,31 +297,26 @@ class CrossEncoder:
 
     def warmup(self, batch_size: int | None = None, activation_fn: Callable | str | None = None) -> int:
         """Compile every shape predict() can use with this batch_size (None: the token budget) and the
-        activation's operations; returns how many scoring programs were compiled now. With the persistent
-        cache enabled, later processes load them."""
+        activation's operations; returns how many scoring programs were compiled now (one per shape, two
+        when packing=None may pack a call or not). With the persistent cache enabled, later processes
+        load them."""
         if isinstance(activation_fn, str):
             activation_fn = activation_from_name(activation_fn)
         before = self.engine.compile_count
         self.model.eval()
-        self.engine.warmup(
-            self.model, self.planned_shapes(batch_size), self.num_labels, activation_fn or self.activation_fn
-        )
+        programs = self.engine.programs(self.planned_shapes(batch_size), batch_size)
+        self.engine.warmup(self.model, programs, self.num_labels, activation_fn or self.activation_fn)
         return self.engine.compile_count - before
 
-    def planned_shapes(self, batch_size: int | None = None) -> set[tuple[int, ...]]:
-        """All [rows, length] shapes (with packing, [rows, length, slots]) predict() may compile for this
-        batch_size (None: the token budget)."""
-        settings = {
-            "batch_size": batch_size,
-            "token_budget": self.token_budget,
-            "multiple": self.engine.multiple,
-        }
-        shapes = set()
-        if self.engine.packing is not True:
-            shapes |= planned_shapes(self.max_length, **settings)
-        if self.engine.packing is not False:
-            shapes |= planned_packed_shapes(self.max_length, **settings)
-        return shapes
+    def planned_shapes(self, batch_size: int | None = None) -> set[tuple[int, int]]:
+        """All [rows, length] shapes predict() may compile for this batch_size (None: the token budget);
+        packed batches have the same shapes, with a fixed number of pairs a row for each length."""
+        return planned_shapes(
+            self.max_length,
+            batch_size=batch_size,
+            token_budget=self.token_budget,
+            multiple=self.engine.multiple,
+        )
 
     def _scores_for_mode(
         self, pairs, activation_fn: Callable, batch_size, show_progress_bar, mode: str, overlap: int

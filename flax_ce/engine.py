@@ -158,18 +158,6 @@ def plan_packed(
     return batches
 
 
-def planned_packed_shapes(
-    max_length: int,
-    *,
-    batch_size: int | None = None,
-    token_budget: int = DEFAULT_TOKEN_BUDGET,
-    multiple: int = 1,
-) -> set[tuple[int, int, int]]:
-    """Every (rows, length, slots) shape `plan_packed` can produce for this setting: the compile set."""
-    shapes = planned_shapes(max_length, batch_size=batch_size, token_budget=token_budget, multiple=multiple)
-    return {(rows, length, slots_for_length(length, batch_size)) for rows, length in shapes}
-
-
 def pad_rows(
     ids: Sequence[Sequence[int]], types: Sequence[Sequence[int]] | None, shape: tuple[int, int], pad_id: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -373,18 +361,30 @@ class ScoringEngine:
     def warmup(
         self,
         model: nnx.Module,
-        shapes: Iterable[tuple[int, ...]],
+        shapes: Iterable[tuple[int, int, int]],
         num_outputs: int,
         activation_fn: Callable[[jax.Array], jax.Array] | None = None,
     ) -> None:
-        """Compile the given [rows, length] (or packed [rows, length, slots]) shapes ahead of time, and the
-        activation's operations for each batch's [rows (x slots), num_outputs] logits."""
+        """Compile the given [rows, length, slots] programs (slots 0: unpacked, see `programs`) ahead of
+        time, and the activation's operations for each batch's [rows (x slots), num_outputs] logits."""
         state = self.weights(model)
-        for shape in sorted(shapes):
-            self.compiled(state, *shape)
+        for rows, length, slots in sorted(shapes):
+            self.compiled(state, rows, length, slots)
             if activation_fn is not None:
-                scored_rows = shape[0] * max(shape[2:] or (1,))
-                jax.block_until_ready(activation_fn(jnp.zeros((scored_rows, num_outputs), jnp.float32)))
+                logits = jnp.zeros((rows * max(slots, 1), num_outputs), jnp.float32)
+                jax.block_until_ready(activation_fn(logits))
+
+    def programs(
+        self, shapes: Iterable[tuple[int, int]], batch_size: int | None = None
+    ) -> set[tuple[int, int, int]]:
+        """The [rows, length, slots] programs `run` may use for these planned [rows, length] shapes: slots 0
+        for unpacked batches, the length's slot count for packed ones (both when packing is None)."""
+        programs = set()
+        if self.packing is not True:
+            programs |= {(rows, length, 0) for rows, length in shapes}
+        if self.packing is not False:
+            programs |= {(rows, length, slots_for_length(length, batch_size)) for rows, length in shapes}
+        return programs
 
     def _host_arrays(self, ids: list[list[int]], types: list[list[int]] | None, batch: Batch | PackedBatch):
         """int32 [rows, length] arrays (and a Packing for packed rows); rows and slots beyond the inputs are

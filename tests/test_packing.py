@@ -16,8 +16,8 @@ from test_deberta import case_models
 
 import flax_ce
 from flax_ce import CrossEncoder
-from flax_ce.engine import ScoringEngine, padded_tokens, plan_batches, plan_packed, planned_packed_shapes
-from flax_ce.packing import packed_arrays
+from flax_ce.engine import Batch, ScoringEngine, padded_tokens, plan_batches, plan_packed, planned_shapes
+from flax_ce.packing import PackedBatch, packed_arrays, slots_for_length
 
 # Short and long pairs, empty texts and a 3,000-character text that every max_length truncates.
 PAIRS = sample_pairs(30, seed=4) + long_range_pairs(seed=1)
@@ -25,7 +25,7 @@ PAIRS = sample_pairs(30, seed=4) + long_range_pairs(seed=1)
 
 def assert_packing_changes_nothing(
     model_dir: str, max_length: int | None = None, batch_size: int | None = None
-):
+) -> None:
     """Packed logits equal unpacked ones (and with `batch_size`) and transformers', on rows of several pairs."""
     unpacked = CrossEncoder(model_dir, max_length=max_length, packing=False)
     packed = CrossEncoder(model_dir, max_length=max_length, packing=True)
@@ -33,12 +33,11 @@ def assert_packing_changes_nothing(
     plan = plan_packed(lengths, packed.max_length)
     assert max((b.pairs >= 0).sum(axis=1).max() for b in plan) >= 2  # rows really hold several pairs
     assert max(lengths) == packed.max_length  # and some pairs are truncated
-    expected = unpacked.logits(PAIRS)
-    assert np.abs(packed.logits(PAIRS) - expected).max() <= 1e-5
+    ours, expected = packed.logits(PAIRS), unpacked.logits(PAIRS)
+    assert np.abs(ours - expected).max() <= 1e-5
     if batch_size is not None:
         assert np.abs(packed.logits(PAIRS, batch_size=batch_size) - expected).max() <= 1e-5
-    reference = transformers_logits(model_dir, PAIRS, packed.max_length)
-    assert np.abs(packed.logits(PAIRS) - reference).max() <= TOLERANCE
+    assert np.abs(ours - transformers_logits(model_dir, PAIRS, packed.max_length)).max() <= TOLERANCE
 
 
 @pytest.mark.parametrize("family", ["bert", "roberta", "electra"])
@@ -109,11 +108,12 @@ def test_plan_covers_every_input_once_in_planned_shapes():
     lengths = list(rng.randint(3, 300, size=500)) + [512] * 5
     for kwargs in ({}, {"batch_size": 7}, {"token_budget": 8192, "multiple": 4}):
         plan = plan_packed(lengths, 512, **kwargs)
-        shapes = planned_packed_shapes(512, **kwargs)
+        shapes = planned_shapes(512, **kwargs)
         seen = np.concatenate([b.pairs[b.pairs >= 0] for b in plan])
         assert sorted(seen) == list(range(len(lengths)))
         for batch in plan:
-            assert (batch.rows, batch.length, batch.slots) in shapes
+            assert (batch.rows, batch.length) in shapes
+            assert batch.slots == slots_for_length(batch.length, kwargs.get("batch_size"))
             assert batch.rows % kwargs.get("multiple", 1) == 0
             for row in batch.pairs:
                 assert sum(lengths[i] for i in row[row >= 0]) <= batch.length
@@ -124,8 +124,6 @@ def test_plan_covers_every_input_once_in_planned_shapes():
 
 
 def test_packed_arrays_mark_each_pair():
-    from flax_ce.packing import PackedBatch
-
     ids = [[2, 7, 3], [2, 8, 9, 3], [2, 5, 3, 6, 3]]
     batch = PackedBatch(np.array([[1, 0, -1], [2, -1, -1]]), 8)
     input_ids, mask, types, packing = packed_arrays(ids, [[0, 0, 1], [0, 0, 1, 1], [0, 0, 0, 1, 1]], batch, 0)
@@ -137,13 +135,20 @@ def test_packed_arrays_mark_each_pair():
     np.testing.assert_array_equal(mask[1], [1, 1, 1, 1, 1, 0, 0, 0])
 
 
-def test_warmup_compiles_the_packed_plan(bert_dir):
-    ce = CrossEncoder(bert_dir, max_length=64, token_budget=256, packing=True)
-    assert ce.warmup() == len(ce.planned_shapes()) == ce.engine.compile_count
+def test_warmup_compiles_packed_and_unpacked_programs(bert_dir):
+    ce = CrossEncoder(bert_dir, max_length=64, token_budget=256, packing=None)
+    assert ce.engine.packing is None  # BERT on CPU: each call packs if that pads less
+    assert ce.warmup() == 2 * len(ce.planned_shapes()) == ce.engine.compile_count
+    few_long = [("long " * 40, "passage " * 40)] * 3  # nothing to pack: the unpacked plan
+    expected = CrossEncoder(bert_dir, max_length=64, packing=False)
+    for pairs, kind in ((PAIRS, PackedBatch), (few_long, Batch)):
+        lengths = [len(ids) for ids in ce.tokenize(pairs)["input_ids"]]
+        assert all(isinstance(batch, kind) for batch in ce.engine.plan(lengths, None, ce.token_budget))
     with count_compiles() as compiles:
-        scores = ce.predict(PAIRS)
+        scores, long_scores = ce.predict(PAIRS), ce.predict(few_long)
     assert compiles[0] == 0
-    assert np.abs(scores - CrossEncoder(bert_dir, max_length=64, packing=False).predict(PAIRS)).max() <= 1e-5
+    assert np.abs(scores - expected.predict(PAIRS)).max() <= 1e-5
+    assert np.abs(long_scores - expected.predict(few_long)).max() <= 1e-5
 
 
 def test_score_takes_packed_rows_inside_user_jit(bert_dir):
