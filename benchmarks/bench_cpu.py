@@ -24,7 +24,6 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,7 +31,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from report import write_results  # noqa: E402
+from report import run_fresh, write_results  # noqa: E402
 
 # Length bands in tokens (lower bound inclusive, upper exclusive); 512 is the truncated limit itself.
 BANDS = {"<64": (0, 64), "64-128": (64, 128), "128-256": (128, 256), "256-511": (256, 512), "512": (512, 513)}
@@ -160,16 +159,7 @@ def run_worker(spec: dict, cache_home: str) -> dict:
     env = {**os.environ, "XDG_CACHE_HOME": cache_home, "HF_HUB_OFFLINE": "1"}
     env.pop("FLAX_CE_COMPILATION_CACHE", None)
     start = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=HERE,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"worker {spec['name']} failed:\n{proc.stderr[-4000:]}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = run_fresh(__file__, spec, env, spec["name"])
     result["process_s"] = time.perf_counter() - start
     return result
 

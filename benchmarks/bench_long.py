@@ -18,7 +18,6 @@ import datetime
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,7 +25,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from report import write_results  # noqa: E402
+from report import run_fresh, write_results  # noqa: E402
 
 # tokens per pair -> pairs scored in one call at that length
 LENGTHS = {1024: 4, 4096: 2, 8192: 1}
@@ -143,16 +142,7 @@ def worker(spec: dict) -> dict:
 def run_worker(spec: dict) -> dict:
     """One fresh process; flax_ce's compilation cache starts empty in it."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "FLAX_CE_COMPILATION_CACHE": "0"}
-    proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=HERE,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"worker {spec['engine']} failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_fresh(__file__, spec, env, spec["engine"])
 
 
 def to_markdown(result: dict) -> str:

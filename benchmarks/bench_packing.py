@@ -16,13 +16,14 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+
+from report import run_fresh  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -108,16 +109,7 @@ def build(root: str, args) -> tuple[str, str, dict]:
 
 def run_worker(spec: dict) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=HERE,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"worker {spec['name']} failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_fresh(__file__, spec, env, spec["name"])
 
 
 def main() -> None:

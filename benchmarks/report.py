@@ -14,3 +14,21 @@ def write_results(out: str, result: dict, markdown: str) -> None:
     with open(out + ".md", "w") as f:
         f.write(markdown)
     print(markdown)
+
+
+def run_fresh(script: str, spec: dict, env: dict, label: str) -> dict:
+    """Run `script --worker <spec as JSON>` in a fresh Python process with `env`; its last stdout line, as
+    JSON. A failed worker raises with the tail of its stderr, named by `label`."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(script), "--worker", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=os.path.dirname(os.path.abspath(script)),
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker {label} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
