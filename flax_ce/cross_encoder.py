@@ -15,19 +15,14 @@ from tqdm.auto import tqdm
 
 from flax_ce.activations import SCORE_ACTIVATIONS, activation_from_name
 from flax_ce.config import ConfigError
-from flax_ce.engine import (
-    DEFAULT_TOKEN_BUDGET,
-    ScoringEngine,
-    make_mesh,
-    planned_shapes,
-    use_default_compilation_cache,
-)
+from flax_ce.engine import ScoringEngine, make_mesh, use_default_compilation_cache
 from flax_ce.export import save_pretrained
 from flax_ce.hub import resolve_model_dir
 from flax_ce.inputs import check_positive, check_text, normalise_pairs, shorten_long_texts
 from flax_ce.json_file import read_json
 from flax_ce.loading import load_model, load_tokenizer, read_config
 from flax_ce.models.modular import ModularConfig
+from flax_ce.planning import DEFAULT_TOKEN_BUDGET, planned_shapes
 from flax_ce.preflight import min_pair_length
 from flax_ce.windows import DEFAULT_DOCUMENT_OVERLAP, aggregate_windows, build_windows, check_long_documents
 
@@ -121,7 +116,7 @@ def merge_prompts(
     return merged, default_prompt_name
 
 
-# Families whose scoring packs by default, per call, when packing pads >= 5% fewer tokens (engine.plan).
+# Families whose scoring packs by default, per call, when packing costs >= 5% less (engine.plan).
 # Measured on CPU (benchmarks/results/packing.md: fresh process per variant, alternated, 2 shared cores):
 # the BERT encoder (real MiniLM-L6) scored 300 MS MARCO-like pairs (mean 121 tokens, 8% fewer padded
 # tokens packed) 1.08x faster (median of 9 rounds, 0.92-1.18) and 1,000 short pairs (mean 54 tokens, 19%

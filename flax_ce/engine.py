@@ -1,8 +1,8 @@
-"""The scoring engine: a fixed plan of compiled shapes, AOT compilation, device meshes, pipelined dispatch."""
+"""The scoring engine: AOT compilation of the planned shapes (flax_ce.planning), device meshes, pipelined
+dispatch."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import time
@@ -16,146 +16,26 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from flax_ce.models.packing import Packing
-from flax_ce.packing import PackedBatch, pack_rows, packed_arrays, slots_for_length
+from flax_ce.packing import PackedBatch, packed_arrays, slots_for_length
+from flax_ce.planning import (
+    ACCELERATOR_COMPILE_UNITS,
+    CPU_COMPILE_UNITS,
+    DEFAULT_TOKEN_BUDGET,
+    PACK_LENGTH,
+    PACKING_MIN_SAVING,
+    Batch,
+    ShapeCosts,
+    batch_cost,
+    plan_batches,
+    plan_cost,
+    plan_packed,
+)
 
 logger = logging.getLogger("flax_ce")
 
-LENGTH_BUCKET = 32
-# Batch sizes the planner may choose: a small, fixed menu keeps the set of compiled shapes small.
-BATCH_MENU = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
-DEFAULT_TOKEN_BUDGET = 4096  # best of 2048-16384 on 2 CPU cores (benchmarks/results/cpu.md at 26a75b2)
 PIPELINE_DEPTH = 2  # batches in flight before the host waits for the oldest result
-# Packed scoring puts pairs of up to this many tokens side by side in rows of this length (or max_length);
-# a longer pair opens a row of its own bucket, which shorter ones fill. On CPU a token costs about the same
-# in rows of 32 to 128 tokens and more beyond (attention grows with the row), so 256-token rows, though
-# they removed twice the padding, were no faster on the MiniLM workload (benchmarks/bench_packing.py).
-PACK_LENGTH = 128
-# With packing=None (auto), a call is packed only if that removes at least this share of its padded tokens.
-PACKING_MIN_SAVING = 0.05
 # Compiled programs kept per engine: more than any one plan's shape set (about 100 with the defaults).
 MAX_PROGRAMS = 256
-
-
-def bucket_length(longest: int, max_length: int) -> int:
-    """Padded sequence length: the next multiple of 32, capped at max_length."""
-    return min(-(-max(longest, 1) // LENGTH_BUCKET) * LENGTH_BUCKET, max_length)
-
-
-def _round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
-
-
-@dataclasses.dataclass(frozen=True)
-class Batch:
-    """Which inputs go into one compiled call, and its padded shape [rows, length]."""
-
-    indices: np.ndarray
-    rows: int
-    length: int
-
-
-def rows_for_length(length: int, batch_size: int | None, token_budget: int, multiple: int = 1) -> int:
-    """Rows of a full batch at `length`: batch_size if given, else the largest menu size within the budget."""
-    if batch_size is not None:
-        return _round_up(batch_size, multiple)
-    fitting = [b for b in BATCH_MENU if b * length <= token_budget] or [1]
-    return _round_up(fitting[-1], multiple)
-
-
-def plan_batches(
-    lengths: Sequence[int],
-    max_length: int,
-    *,
-    batch_size: int | None = None,
-    token_budget: int = DEFAULT_TOKEN_BUDGET,
-    multiple: int = 1,
-) -> list[Batch]:
-    """Longest-first batches over 32-token buckets; a bucket's last, partial batch shrinks to a menu size."""
-    lengths = np.asarray(lengths, dtype=np.int64)
-    order = np.argsort(-lengths, kind="stable")
-    buckets = np.minimum(-(-np.maximum(lengths[order], 1) // LENGTH_BUCKET) * LENGTH_BUCKET, max_length)
-    batches, start = [], 0
-    while start < len(order):
-        length = int(buckets[start])
-        full = rows_for_length(length, batch_size, token_budget, multiple)
-        # Only inputs of the same bucket join this batch, so a short tail is not padded to a long length.
-        in_bucket = int(np.searchsorted(-buckets[start:], -length, side="right"))
-        take = order[start : start + min(full, in_bucket)]
-        rows = full if len(take) == full else min(full, _round_up(_menu_at_least(len(take)), multiple))
-        batches.append(Batch(take, rows, length))
-        start += len(take)
-    return batches
-
-
-def _menu_at_least(n: int) -> int:
-    return next((b for b in BATCH_MENU if b >= n), _round_up(n, BATCH_MENU[-1]))
-
-
-def planned_shapes(
-    max_length: int,
-    *,
-    batch_size: int | None = None,
-    token_budget: int = DEFAULT_TOKEN_BUDGET,
-    multiple: int = 1,
-) -> set[tuple[int, int]]:
-    """Every (rows, length) shape `plan_batches` can produce for this setting: the compile set."""
-    shapes = set()
-    lengths = sorted({bucket_length(n, max_length) for n in range(1, max_length + 1)})
-    for length in lengths:
-        full = rows_for_length(length, batch_size, token_budget, multiple)
-        shapes.add((full, length))
-        shapes.update(
-            (min(full, _round_up(b, multiple)), length) for b in BATCH_MENU if _round_up(b, multiple) < full
-        )
-    return shapes
-
-
-def plan_packed(
-    lengths: Sequence[int],
-    max_length: int,
-    *,
-    batch_size: int | None = None,
-    token_budget: int = DEFAULT_TOKEN_BUDGET,
-    multiple: int = 1,
-    pack_length: int = PACK_LENGTH,
-) -> list[PackedBatch]:
-    """Packed rows in batches of one length: as many rows as `plan_batches` would give that length (a
-    length's last batch shrinks to a menu size); with batch_size, also at most batch_size pairs a batch, as
-    sentence-transformers' batch_size means.
-
-    Pairs up to pack_length tokens share rows of pack_length, a longer pair opens a row of its bucket
-    (flax_ce.packing.pack_rows); each row is then cut to the bucket of the tokens it holds, so a pair that
-    found no partner costs what it costs unpacked."""
-    pack_length = min(pack_length, max_length)
-
-    def capacity(need: int) -> int:
-        return bucket_length(need, max_length) if need > pack_length else pack_length
-
-    def max_pairs(used: int) -> int:
-        return slots_for_length(bucket_length(used, max_length), batch_size)
-
-    by_length: dict[int, list[list[int]]] = {}
-    for used, members in pack_rows(lengths, capacity, max_pairs):
-        by_length.setdefault(bucket_length(used, max_length), []).append(members)
-    batches = []
-    for length in sorted(by_length, reverse=True):
-        full = rows_for_length(length, batch_size, token_budget, multiple)
-        rows_left, start = by_length[length], 0
-        while start < len(rows_left):
-            end, pairs = start, 0
-            while end - start < full and end < len(rows_left):
-                if batch_size is not None and pairs + len(rows_left[end]) > batch_size:
-                    break
-                pairs += len(rows_left[end])
-                end += 1
-            take = end - start
-            rows = full if take == full else min(full, _round_up(_menu_at_least(take), multiple))
-            grid = np.full((rows, slots_for_length(length, batch_size)), -1, dtype=np.int64)
-            for r, members in enumerate(rows_left[start:end]):
-                grid[r, : len(members)] = members
-            batches.append(PackedBatch(grid, length))
-            start = end
-    return batches
 
 
 def pad_rows(
@@ -283,7 +163,7 @@ class ScoringEngine:
         packing: bool | None = False,
     ):
         self.pad_id = pad_id
-        # Several pairs per row (flax_ce.packing) instead of one; None: whichever plan pads less.
+        # Several pairs per row (flax_ce.packing) instead of one; None: whichever plan costs less.
         self.packing = packing
         self.pack_length = PACK_LENGTH
         self.max_length = max_length
@@ -299,6 +179,9 @@ class ScoringEngine:
         self._forward: Callable | None = None
         self._packed_forward: Callable | None = None
         self._placed: tuple[list, nnx.State] | None = None
+        # Time and cost units of the calls run so far, for the price of a compilation in units.
+        self._run_seconds = 0.0
+        self._run_units = 0.0
 
     def weights(self, model: nnx.Module) -> nnx.State:
         """`model`'s state as the compiled programs take it: in the engine's dtype, replicated over its mesh.
@@ -402,18 +285,42 @@ class ScoringEngine:
             return jax.device_put(arrays, NamedSharding(self.mesh, PartitionSpec("batch")))
         return arrays
 
+    def compile_units(self) -> float:
+        """What compiling one more shape costs, in the planner's units (flax_ce.planning): this engine's
+        mean compile time over its measured time per unit, or a per-backend default before it has both."""
+        if self.compile_count and self._run_units and self._run_seconds > 0:
+            seconds_per_unit = self._run_seconds / self._run_units
+            return (self.compile_seconds / self.compile_count) / seconds_per_unit
+        return CPU_COMPILE_UNITS if jax.default_backend() == "cpu" else ACCELERATOR_COMPILE_UNITS
+
+    def shape_costs(self, packed: bool, batch_size: int | None) -> ShapeCosts:
+        """The planner's prices: this engine's compiled shapes of that kind are free, others cost a
+        compilation."""
+        known = {
+            (rows, length)
+            for rows, length, slots in self._programs
+            if slots == (slots_for_length(length, batch_size) if packed else 0)
+        }
+        return ShapeCosts(frozenset(known), self.compile_units())
+
     def plan(
         self, lengths: Sequence[int], batch_size: int | None, token_budget: int
     ) -> list[Batch] | list[PackedBatch]:
         """The batches for inputs of these lengths: packed, unpacked, or (packing None) the packed plan
-        only if it pads at least PACKING_MIN_SAVING fewer tokens."""
+        only if its estimated cost, compilations included, is at least PACKING_MIN_SAVING lower."""
         settings = {"batch_size": batch_size, "token_budget": token_budget, "multiple": self.multiple}
         if self.packing is False:
-            return plan_batches(lengths, self.max_length, **settings)
-        packed = plan_packed(lengths, self.max_length, pack_length=self.pack_length, **settings)
+            return plan_batches(
+                lengths, self.max_length, costs=self.shape_costs(False, batch_size), **settings
+            )
+        packed_costs = self.shape_costs(True, batch_size)
+        packed = plan_packed(
+            lengths, self.max_length, pack_length=self.pack_length, costs=packed_costs, **settings
+        )
         if self.packing is None:
-            unpacked = plan_batches(lengths, self.max_length, **settings)
-            if padded_tokens(packed) > (1 - PACKING_MIN_SAVING) * padded_tokens(unpacked):
+            costs = self.shape_costs(False, batch_size)
+            unpacked = plan_batches(lengths, self.max_length, costs=costs, **settings)
+            if plan_cost(packed, packed_costs) > (1 - PACKING_MIN_SAVING) * plan_cost(unpacked, costs):
                 return unpacked
         return packed
 
@@ -434,6 +341,7 @@ class ScoringEngine:
         The activation runs on each batch's logits outside the compiled program, so any callable (a fresh
         lambda too) reuses the programs, and its own operations see only the planned batch shapes.
         """
+        start, compiling = time.perf_counter(), self.compile_seconds
         out = np.zeros((len(ids), num_outputs), dtype=np.float32)
         plan = self.plan([len(x) for x in ids], batch_size, token_budget)
         state = self.weights(model)
@@ -448,12 +356,9 @@ class ScoringEngine:
                 _gather(out, *pending.popleft())
         for done, scores in pending:
             _gather(out, done, scores)
+        self._run_seconds += time.perf_counter() - start - (self.compile_seconds - compiling)
+        self._run_units += sum(batch_cost(batch.rows, batch.length) for batch in plan)
         return out
-
-
-def padded_tokens(plan: list[Batch] | list[PackedBatch]) -> int:
-    """Tokens a plan computes, padding included."""
-    return sum(batch.rows * batch.length for batch in plan)
 
 
 def _gather(out: np.ndarray, batch: Batch | PackedBatch, scores: jax.Array) -> None:

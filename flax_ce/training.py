@@ -16,8 +16,9 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from flax_ce.engine import bucket_length, make_mesh, pad_rows
+from flax_ce.engine import make_mesh, pad_rows
 from flax_ce.loading import build_model
+from flax_ce.planning import bucket_length
 
 if TYPE_CHECKING:
     from flax_ce.cross_encoder import CrossEncoder

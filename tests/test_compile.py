@@ -7,18 +7,16 @@ from checkpoints import sample_pairs
 from support import count_compiles
 
 from flax_ce import CrossEncoder
-from flax_ce.engine import bucket_length, plan_batches, planned_shapes
+from flax_ce.planning import bucket_length, plan_batches, planned_shapes
 
 
 def test_compiles_once_per_shape(bert_dir):
     pairs = sample_pairs(60, seed=5)
     ce = CrossEncoder(bert_dir, max_length=200)
+    lengths = [len(x) for x in ce.tokenize(pairs)["input_ids"]]
+    used = {(b.rows, b.length) for b in ce.engine.plan(lengths, 8, ce.token_budget)}
     with count_compiles() as compiles:
         first = ce.predict(pairs, batch_size=8)
-    used = {
-        (b.rows, b.length)
-        for b in plan_batches([len(x) for x in ce.tokenize(pairs)["input_ids"]], 200, batch_size=8)
-    }
     assert used <= ce.planned_shapes(batch_size=8)
     # One program per shape, plus the activation's (eager) operation once per batch row count.
     assert len(used) == ce.engine.compile_count

@@ -404,7 +404,7 @@ def test_mixed_lengths_compile_once_per_bucket(which, request):
     from support import count_compiles
 
     from flax_ce import CrossEncoder
-    from flax_ce.engine import plan_batches
+    from flax_ce.planning import plan_batches
 
     ce = CrossEncoder(request.getfixturevalue(which))
     pairs = sample_pairs(30, seed=4)

@@ -16,8 +16,9 @@ from test_deberta import case_models
 
 import flax_ce
 from flax_ce import CrossEncoder
-from flax_ce.engine import Batch, ScoringEngine, padded_tokens, plan_batches, plan_packed, planned_shapes
+from flax_ce.engine import ScoringEngine
 from flax_ce.packing import PackedBatch, packed_arrays, slots_for_length
+from flax_ce.planning import Batch, padded_tokens, plan_batches, plan_packed, planned_shapes
 
 # Short and long pairs, empty texts and a 3,000-character text that every max_length truncates.
 PAIRS = sample_pairs(30, seed=4) + long_range_pairs(seed=1)

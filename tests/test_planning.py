@@ -1,0 +1,131 @@
+"""The planner's cost model: shapes merged only where compiling costs more than padding, exactly optimal."""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+
+import numpy as np
+from checkpoints import sample_pairs
+
+from flax_ce import CrossEncoder
+from flax_ce.planning import (
+    CPU_COMPILE_UNITS,
+    ShapeCosts,
+    batch_cost,
+    bucket_length,
+    choose_lengths,
+    plan_batches,
+    plan_cost,
+    plan_packed,
+    planned_shapes,
+    rows_for_length,
+)
+
+# Mostly short pairs and a few long stragglers, as in re-ranking: each straggler bucket would be a shape.
+LENGTHS = [int(n) for n in np.random.RandomState(3).randint(20, 140, size=400)] + [290, 350, 420, 470, 512]
+COMPILE = 6144.0
+
+
+def check_plan(plan, lengths, **kwargs):
+    seen = np.concatenate([b.indices for b in plan])
+    assert sorted(seen) == list(range(len(lengths)))
+    shapes = planned_shapes(512, **kwargs)
+    for batch in plan:
+        assert (batch.rows, batch.length) in shapes
+        assert all(lengths[i] <= batch.length for i in batch.indices)
+        assert len(batch.indices) <= min(batch.rows, kwargs.get("batch_size", batch.rows))
+
+
+def test_free_compilation_pads_least():
+    plan = plan_batches(LENGTHS, 512)
+    check_plan(plan, LENGTHS)
+    for batch in plan:  # every input in its own 32-token bucket, partial batches at the smallest menu size
+        assert batch.length == bucket_length(max(LENGTHS[i] for i in batch.indices), 512)
+        assert batch.rows == rows_for_length(batch.length, None, 4096) or batch.rows < 2 * len(batch.indices)
+
+
+def test_paid_compilation_merges_stragglers_into_fewer_shapes():
+    costs = ShapeCosts(compile_units=COMPILE)
+    finest, merged = plan_batches(LENGTHS, 512), plan_batches(LENGTHS, 512, costs=costs)
+    check_plan(merged, LENGTHS)
+    shapes = {(b.rows, b.length) for b in merged}
+    assert len(shapes) < len({(b.rows, b.length) for b in finest}) - 3
+    assert len([b for b in merged if b.length > 256]) == 1  # the five long pairs share one [8, 512] call
+    assert plan_cost(merged, costs) < plan_cost(finest, costs)
+    for kwargs in ({"batch_size": 7}, {"token_budget": 8192, "multiple": 4}):
+        check_plan(plan_batches(LENGTHS, 512, costs=costs, **kwargs), LENGTHS, **kwargs)
+
+
+def test_known_shapes_are_free():
+    finest = plan_batches(LENGTHS, 512)
+    known = ShapeCosts(frozenset((b.rows, b.length) for b in finest), COMPILE)
+    assert [(b.rows, b.length) for b in plan_batches(LENGTHS, 512, costs=known)] == [
+        (b.rows, b.length) for b in finest
+    ]
+
+
+def test_packed_rows_merge_too():
+    costs = ShapeCosts(compile_units=COMPILE)
+    for kwargs in ({}, {"batch_size": 7}):
+        plan = plan_packed(LENGTHS, 512, costs=costs, **kwargs)
+        assert sorted(np.concatenate([b.pairs[b.pairs >= 0] for b in plan])) == list(range(len(LENGTHS)))
+        for batch in plan:
+            for row in batch.pairs:
+                assert sum(LENGTHS[i] for i in row[row >= 0]) <= batch.length
+        assert len({(b.rows, b.length) for b in plan}) < len(
+            {(b.rows, b.length) for b in plan_packed(LENGTHS, 512, **kwargs)}
+        )
+
+
+def brute_force(counts, rows_at, costs):
+    """The cheapest grouping of the sorted buckets into runs, by trying every set of cut points."""
+    lengths = sorted(counts, reverse=True)
+    best = float("inf")
+    for cuts in itertools.product((False, True), repeat=len(lengths) - 1):
+        total, start = 0.0, 0
+        for end in [i + 1 for i, cut in enumerate(cuts) if cut] + [len(lengths)]:
+            group = lengths[start:end]
+            total += costs.group_cost(sum(counts[n] for n in group), group[0], rows_at(group[0]), 1)
+            start = end
+        best = min(best, total)
+    return best
+
+
+def test_choose_lengths_is_the_exact_minimum():
+    rng = np.random.RandomState(0)
+
+    def rows_at(length):
+        return rows_for_length(length, None, 4096)
+
+    for trial in range(40):
+        buckets = rng.choice(np.arange(32, 513, 32), size=rng.randint(1, 9), replace=False)
+        counts = {int(b): int(rng.randint(1, 40)) for b in buckets}
+        known = {(rows_at(b), b) for b in buckets if rng.rand() < 0.3}
+        costs = ShapeCosts(frozenset(known), float(rng.choice([0, 1000, 6144, 50000])))
+        padded_to = choose_lengths(counts, rows_at, costs)
+        groups = Counter(padded_to.values())
+        total = sum(
+            costs.group_cost(
+                sum(counts[n] for n in counts if padded_to[n] == length), length, rows_at(length), 1
+            )
+            for length in groups
+        )
+        assert total <= brute_force(counts, rows_at, costs) + 1e-6, trial
+        assert all(padded_to[n] >= n for n in counts)
+
+
+def test_batch_cost_grows_with_rows_and_length():
+    assert batch_cost(8, 512) > batch_cost(32, 128) > batch_cost(16, 128)
+
+
+def test_engine_prices_compilation_from_its_own_measurements(bert_dir):
+    ce = CrossEncoder(bert_dir, max_length=128)
+    assert ce.engine.compile_units() == CPU_COMPILE_UNITS  # nothing measured yet
+    pairs = sample_pairs(30, seed=1)
+    first = ce.predict(pairs)
+    measured = ce.engine.compile_units()
+    assert measured > 0 and measured != CPU_COMPILE_UNITS
+    programs = ce.engine.compile_count
+    np.testing.assert_array_equal(ce.predict(pairs), first)  # the same plan: nothing new to compile
+    assert ce.engine.compile_count == programs
