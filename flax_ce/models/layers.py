@@ -139,7 +139,10 @@ class ClassificationHead(nnx.Module):
     def __call__(self, hidden_states: jax.Array, starts: jax.Array | None = None) -> jax.Array:
         """[batch, seq, hidden] -> logits [batch, num_labels] (fp32); with packed rows' `starts` [batch, slots],
         each pair's first token is read instead: logits [batch, slots, num_labels]."""
-        x = hidden_states[:, 0] if starts is None else first_tokens(hidden_states, starts)
+        return self.classify(hidden_states[:, 0] if starts is None else first_tokens(hidden_states, starts))
+
+    def classify(self, x: jax.Array) -> jax.Array:
+        """Logits (fp32) from first-token vectors [..., hidden] -> [..., num_labels]."""
         x = self.input_dropout(x)
         x = self.dropout(self.act(self.dense(x)))
         return self.out_proj(x).astype(jnp.float32)
