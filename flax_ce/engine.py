@@ -8,6 +8,7 @@ import os
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import jax.numpy as jnp
@@ -182,6 +183,10 @@ class ScoringEngine:
         # Time and cost units of the calls run so far, for the price of a compilation in units.
         self._run_seconds = 0.0
         self._run_units = 0.0
+        # Seconds and count of real XLA compilations, from groups without persistent-cache hits: a shape
+        # the planner adds is usually not in the cache, so loads must not make compiling look cheap.
+        self._xla_compile_seconds = 0.0
+        self._xla_compile_programs = 0
 
     def weights(self, model: nnx.Module) -> nnx.State:
         """`model`'s state as the compiled programs take it: in the engine's dtype, replicated over its mesh.
@@ -209,37 +214,56 @@ class ScoringEngine:
         """The compiled program for one [rows, length] shape (packed rows of `slots` pairs when slots > 0),
         compiling (and timing) it the first time."""
         key = (rows, length, slots)
-        if key in self._programs:
-            self._programs.move_to_end(key)
-            return self._programs[key]
-        spec = jax.ShapeDtypeStruct((rows, length), jnp.int32)
+        if key not in self._programs:
+            self.compile_programs(state, [key])
+        self._programs.move_to_end(key)
+        return self._programs[key]
+
+    def compile_programs(self, state: nnx.State, keys: Iterable[tuple[int, int, int]]) -> None:
+        """Compile the [rows, length, slots] programs not compiled yet: each is traced and lowered here, then
+        XLA compiles them side by side on up to one thread per CPU (it releases the GIL, and one compile
+        keeps one core busy), or loads them from the persistent cache."""
+        missing = list(dict.fromkeys(key for key in keys if key not in self._programs))
+        if not missing:
+            return
         before = dict(_events)
         start = time.perf_counter()
-        if slots:
-            packing = Packing(spec, spec, jax.ShapeDtypeStruct((rows, slots), jnp.int32))
-            executable = self._packed_forward.lower(state, spec, spec, spec, packing).compile()
+        lowered = [self._lower(state, *key) for key in missing]
+        workers = min(len(lowered), os.cpu_count() or 1)
+        if workers > 1:
+            with ThreadPoolExecutor(workers, thread_name_prefix="flax_ce-compile") as pool:
+                executables = list(pool.map(lambda program: program.compile(), lowered))
         else:
-            executable = self._forward.lower(state, spec, spec, spec).compile()
+            executables = [program.compile() for program in lowered]
         elapsed = time.perf_counter() - start
         # A persistent-cache hit is also reported as a backend compile (it wraps the retrieval).
         xla_compiles = (_events[BACKEND_COMPILE_EVENT] - before[BACKEND_COMPILE_EVENT]) - (
             _events[CACHE_HIT_EVENT] - before[CACHE_HIT_EVENT]
         )
-        self.compile_count += 1
+        self.compile_count += len(missing)
         self.compile_seconds += elapsed
+        if xla_compiles == len(missing):
+            self._xla_compile_seconds += elapsed
+            self._xla_compile_programs += len(missing)
         self.xla_compiles += xla_compiles
         logger.debug(
-            "scoring shape [%d, %d] (%d slots): %s in %.2fs",
-            rows,
-            length,
-            slots,
-            "compiled" if xla_compiles else "loaded from the compilation cache",
+            "scoring shapes %s: %d compiled, %d loaded from the compilation cache, in %.2fs",
+            ", ".join(f"[{rows}, {length}] ({slots} slots)" for rows, length, slots in missing),
+            xla_compiles,
+            len(missing) - xla_compiles,
             elapsed,
         )
-        self._programs[key] = executable
-        if len(self._programs) > self.max_programs:
-            self._programs.popitem(last=False)
-        return executable
+        for key, executable in zip(missing, executables, strict=True):
+            self._programs[key] = executable
+            if len(self._programs) > self.max_programs:
+                self._programs.popitem(last=False)
+
+    def _lower(self, state: nnx.State, rows: int, length: int, slots: int) -> jax.stages.Lowered:
+        spec = jax.ShapeDtypeStruct((rows, length), jnp.int32)
+        if slots:
+            packing = Packing(spec, spec, jax.ShapeDtypeStruct((rows, slots), jnp.int32))
+            return self._packed_forward.lower(state, spec, spec, spec, packing)
+        return self._forward.lower(state, spec, spec, spec)
 
     def warmup(
         self,
@@ -251,9 +275,10 @@ class ScoringEngine:
         """Compile the given [rows, length, slots] programs (slots 0: unpacked, see `programs`) ahead of
         time, and the activation's operations for each batch's [rows (x slots), num_outputs] logits."""
         state = self.weights(model)
-        for rows, length, slots in sorted(shapes):
-            self.compiled(state, rows, length, slots)
-            if activation_fn is not None:
+        shapes = sorted(shapes)
+        self.compile_programs(state, shapes)
+        if activation_fn is not None:
+            for rows, _, slots in shapes:
                 logits = jnp.zeros((rows * max(slots, 1), num_outputs), jnp.float32)
                 jax.block_until_ready(activation_fn(logits))
 
@@ -287,10 +312,10 @@ class ScoringEngine:
 
     def compile_units(self) -> float:
         """What compiling one more shape costs, in the planner's units (flax_ce.planning): this engine's
-        mean compile time over its measured time per unit, or a per-backend default before it has both."""
-        if self.compile_count and self._run_units and self._run_seconds > 0:
+        mean XLA compile time over its measured time per unit, or a per-backend default before it has both."""
+        if self._xla_compile_programs and self._run_units and self._run_seconds > 0:
             seconds_per_unit = self._run_seconds / self._run_units
-            return (self.compile_seconds / self.compile_count) / seconds_per_unit
+            return (self._xla_compile_seconds / self._xla_compile_programs) / seconds_per_unit
         return CPU_COMPILE_UNITS if jax.default_backend() == "cpu" else ACCELERATOR_COMPILE_UNITS
 
     def shape_costs(self, packed: bool, batch_size: int | None) -> ShapeCosts:
@@ -345,6 +370,7 @@ class ScoringEngine:
         out = np.zeros((len(ids), num_outputs), dtype=np.float32)
         plan = self.plan([len(x) for x in ids], batch_size, token_budget)
         state = self.weights(model)
+        self.compile_programs(state, [(b.rows, b.length, getattr(b, "slots", 0)) for b in plan])
         pending: deque = deque()
         for batch in progress(plan):
             slots = batch.slots if isinstance(batch, PackedBatch) else 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 from collections import Counter
 
+import jax
 import numpy as np
 from checkpoints import sample_pairs
 
@@ -123,9 +124,24 @@ def test_engine_prices_compilation_from_its_own_measurements(bert_dir):
     ce = CrossEncoder(bert_dir, max_length=128)
     assert ce.engine.compile_units() == CPU_COMPILE_UNITS  # nothing measured yet
     pairs = sample_pairs(30, seed=1)
-    first = ce.predict(pairs)
+    jax.config.update("jax_enable_compilation_cache", False)  # real compiles, not the session cache's loads
+    try:
+        first = ce.predict(pairs)
+    finally:
+        jax.config.update("jax_enable_compilation_cache", True)
+    assert ce.engine.xla_compiles == ce.engine.compile_count
     measured = ce.engine.compile_units()
     assert measured > 0 and measured != CPU_COMPILE_UNITS
     programs = ce.engine.compile_count
     np.testing.assert_array_equal(ce.predict(pairs), first)  # the same plan: nothing new to compile
     assert ce.engine.compile_count == programs
+
+
+def test_cache_loads_do_not_price_compilation(bert_dir):
+    warm = CrossEncoder(bert_dir, max_length=96, token_budget=640)
+    pairs = sample_pairs(30, seed=4)
+    warm.predict(pairs)  # fills the session's persistent cache with these programs
+    ce = CrossEncoder(bert_dir, max_length=96, token_budget=640)
+    ce.predict(pairs)
+    assert ce.engine.xla_compiles == 0 < ce.engine.compile_count  # all loaded from the cache
+    assert ce.engine.compile_units() == CPU_COMPILE_UNITS  # a load says nothing about compiling
