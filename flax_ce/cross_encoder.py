@@ -278,7 +278,6 @@ class CrossEncoder:
         self._check_token_ranges(ids, types, owner)
         if show_progress_bar is None:
             show_progress_bar = logger.getEffectiveLevel() in (logging.INFO, logging.DEBUG)
-        self.model.eval()  # scoring never drops out, as sentence-transformers' predict
         return self.engine.run(
             self.model,
             ids,
@@ -298,7 +297,6 @@ class CrossEncoder:
         if isinstance(activation_fn, str):
             activation_fn = activation_from_name(activation_fn)
         before = self.engine.compile_count
-        self.model.eval()
         programs = self.engine.programs(self.planned_shapes(batch_size), batch_size)
         self.engine.warmup(self.model, programs, self.num_labels, activation_fn or self.activation_fn)
         return self.engine.compile_count - before

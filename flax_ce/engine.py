@@ -187,14 +187,22 @@ class ScoringEngine:
         # the planner adds is usually not in the cache, so loads must not make compiling look cheap.
         self._xla_compile_seconds = 0.0
         self._xla_compile_programs = 0
+        # Units spent on padding beyond the plan that pads least, since the last call that compiled.
+        self._padding_regret = 0.0
 
     def weights(self, model: nnx.Module) -> nnx.State:
         """`model`'s state as the compiled programs take it: in the engine's dtype, replicated over its mesh.
+        The model is put in eval mode first (scoring never drops out, as sentence-transformers' predict).
 
         A model of another structure, shape or dtype drops the compiled programs; arrays that are not the
         ones seen last are placed again (for fp32 on one device that is no copy at all).
         """
         graphdef, state = nnx.split(model)
+        # Modes are static attributes of the graph: a graph equal to the last one seen after eval() is in
+        # eval mode already, which spares a second walk over the model (about 30 ms for MiniLM) per call.
+        if self._signature is None or graphdef != self._signature[0]:
+            model.eval()
+            graphdef, state = nnx.split(model)
         leaves, treedef = jax.tree.flatten(state)
         signature = (graphdef, treedef, [(x.shape, x.dtype) for x in leaves])
         if signature != self._signature:
@@ -318,36 +326,67 @@ class ScoringEngine:
             return (self._xla_compile_seconds / self._xla_compile_programs) / seconds_per_unit
         return CPU_COMPILE_UNITS if jax.default_backend() == "cpu" else ACCELERATOR_COMPILE_UNITS
 
-    def shape_costs(self, packed: bool, batch_size: int | None) -> ShapeCosts:
-        """The planner's prices: this engine's compiled shapes of that kind are free, others cost a
-        compilation."""
+    def shape_costs(self, packed: bool, batch_size: int | None, compile_units: float) -> ShapeCosts:
+        """The planner's prices: this engine's compiled shapes of that kind are free, others cost
+        `compile_units`."""
         known = {
             (rows, length)
             for rows, length, slots in self._programs
             if slots == (slots_for_length(length, batch_size) if packed else 0)
         }
-        return ShapeCosts(frozenset(known), self.compile_units())
+        return ShapeCosts(frozenset(known), compile_units)
 
     def plan(
         self, lengths: Sequence[int], batch_size: int | None, token_budget: int
     ) -> list[Batch] | list[PackedBatch]:
         """The batches for inputs of these lengths: packed, unpacked, or (packing None) the packed plan
-        only if its estimated cost, compilations included, is at least PACKING_MIN_SAVING lower."""
-        settings = {"batch_size": batch_size, "token_budget": token_budget, "multiple": self.multiple}
-        if self.packing is False:
-            return plan_batches(
-                lengths, self.max_length, costs=self.shape_costs(False, batch_size), **settings
-            )
-        packed_costs = self.shape_costs(True, batch_size)
-        packed = plan_packed(
-            lengths, self.max_length, pack_length=self.pack_length, costs=packed_costs, **settings
-        )
+        only if its estimated cost, compilations included, is at least PACKING_MIN_SAVING lower.
+
+        A shape not compiled yet costs a compilation less the padding that plans without new shapes have
+        cost so far beyond the plan that pads least (`run` counts it; as in ski rental, pay for padding
+        until that would have paid for compiling, then compile): repeated calls reach the plan that pads
+        least, having spent at most about one compilation's worth on padding first."""
+        compile_units = max(0.0, self.compile_units() - self._padding_regret)
+        packed = self.packing is not False
+        plan, costs = self._plan(lengths, packed, compile_units, batch_size, token_budget)
         if self.packing is None:
-            costs = self.shape_costs(False, batch_size)
-            unpacked = plan_batches(lengths, self.max_length, costs=costs, **settings)
-            if plan_cost(packed, packed_costs) > (1 - PACKING_MIN_SAVING) * plan_cost(unpacked, costs):
-                return unpacked
-        return packed
+            unpacked, unpacked_costs = self._plan(lengths, False, compile_units, batch_size, token_budget)
+            if plan_cost(plan, costs) > (1 - PACKING_MIN_SAVING) * plan_cost(unpacked, unpacked_costs):
+                plan = unpacked
+        return plan
+
+    def _plan(
+        self,
+        lengths: Sequence[int],
+        packed: bool,
+        compile_units: float,
+        batch_size: int | None,
+        token_budget: int,
+    ) -> tuple[list[Batch] | list[PackedBatch], ShapeCosts]:
+        costs = self.shape_costs(packed, batch_size, compile_units)
+        settings = {"batch_size": batch_size, "token_budget": token_budget, "multiple": self.multiple}
+        if packed:
+            plan = plan_packed(
+                lengths, self.max_length, pack_length=self.pack_length, costs=costs, **settings
+            )
+        else:
+            plan = plan_batches(lengths, self.max_length, costs=costs, **settings)
+        return plan, costs
+
+    def _count_padding(
+        self, plan: list, lengths: Sequence[int], batch_size: int | None, token_budget: int
+    ) -> None:
+        """Before `plan` runs: forget the padding paid so far if it compiles a shape, else add what it pads
+        beyond the plan that pads least (of the same kind, packed or not)."""
+        if any(_program(batch) not in self._programs for batch in plan):
+            self._padding_regret = 0.0
+        elif self.compile_units() > self._padding_regret:
+            packed = any(isinstance(batch, PackedBatch) for batch in plan)
+            least, _ = self._plan(lengths, packed, 0.0, batch_size, token_budget)
+            padding = sum(batch_cost(b.rows, b.length) for b in plan) - sum(
+                batch_cost(b.rows, b.length) for b in least
+            )
+            self._padding_regret += max(0.0, padding)
 
     def run(
         self,
@@ -368,13 +407,14 @@ class ScoringEngine:
         """
         start, compiling = time.perf_counter(), self.compile_seconds
         out = np.zeros((len(ids), num_outputs), dtype=np.float32)
-        plan = self.plan([len(x) for x in ids], batch_size, token_budget)
+        lengths = [len(x) for x in ids]
+        plan = self.plan(lengths, batch_size, token_budget)
+        self._count_padding(plan, lengths, batch_size, token_budget)
         state = self.weights(model)
-        self.compile_programs(state, [(b.rows, b.length, getattr(b, "slots", 0)) for b in plan])
+        self.compile_programs(state, [_program(batch) for batch in plan])
         pending: deque = deque()
         for batch in progress(plan):
-            slots = batch.slots if isinstance(batch, PackedBatch) else 0
-            executable = self.compiled(state, batch.rows, batch.length, slots)
+            executable = self.compiled(state, *_program(batch))
             # Dispatch is asynchronous: building the next host batch overlaps this one's compute.
             logits = executable(state, *self._host_arrays(ids, types, batch))
             pending.append((batch, logits if activation_fn is None else activation_fn(logits)))
@@ -385,6 +425,11 @@ class ScoringEngine:
         self._run_seconds += time.perf_counter() - start - (self.compile_seconds - compiling)
         self._run_units += sum(batch_cost(batch.rows, batch.length) for batch in plan)
         return out
+
+
+def _program(batch: Batch | PackedBatch) -> tuple[int, int, int]:
+    """The [rows, length, slots] program a batch runs on (slots 0: unpacked)."""
+    return batch.rows, batch.length, batch.slots if isinstance(batch, PackedBatch) else 0
 
 
 def _gather(out: np.ndarray, batch: Batch | PackedBatch, scores: jax.Array) -> None:

@@ -145,3 +145,25 @@ def test_cache_loads_do_not_price_compilation(bert_dir):
     ce.predict(pairs)
     assert ce.engine.xla_compiles == 0 < ce.engine.compile_count  # all loaded from the cache
     assert ce.engine.compile_units() == CPU_COMPILE_UNITS  # a load says nothing about compiling
+
+
+def test_repeated_calls_reach_the_plan_that_pads_least(bert_dir, monkeypatch):
+    ce = CrossEncoder(bert_dir, max_length=256, packing=False)
+    monkeypatch.setattr(ce.engine, "compile_units", lambda: COMPILE)
+    pairs = sample_pairs(40, seed=6)
+    lengths = [len(ids) for ids in ce.tokenize(pairs)["input_ids"]]
+    least = {(b.rows, b.length) for b in plan_batches(lengths, 256)}
+    first = {(b.rows, b.length) for b in ce.engine.plan(lengths, None, ce.token_budget)}
+    assert len(first) < len(least)  # the first call pads rather than compile for a few pairs
+    scores = ce.predict(pairs)
+    calls = 1
+    # Each call pads more than the least plan would, until that padding would have paid a compilation.
+    while {(b.rows, b.length) for b in ce.engine.plan(lengths, None, ce.token_budget)} != least:
+        np.testing.assert_allclose(ce.predict(pairs), scores, atol=1e-6)
+        calls += 1
+        assert calls < 30
+    np.testing.assert_allclose(ce.predict(pairs), scores, atol=1e-6)  # compiles the least plan's shapes
+    programs = ce.engine.compile_count
+    ce.predict(pairs)
+    assert ce.engine.compile_count == programs  # settled: nothing more to compile
+    assert {(b.rows, b.length) for b in ce.engine.plan(lengths, None, ce.token_budget)} == least
