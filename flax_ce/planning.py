@@ -21,7 +21,8 @@ import numpy as np
 from flax_ce.packing import PackedBatch, pack_rows, slots_for_length
 
 LENGTH_BUCKET = 32
-# Batch sizes the planner may choose: a small, fixed menu keeps the set of compiled shapes small.
+# Batch sizes the planner may choose, in 1.5x steps: a small, fixed menu keeps the set of compiled shapes
+# small, and a partial batch pads at most a third of its rows.
 BATCH_MENU = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 DEFAULT_TOKEN_BUDGET = 4096  # best of 2048-16384 on 2 CPU cores (benchmarks/results/cpu.md at 26a75b2)
 # Packed scoring puts pairs of up to this many tokens side by side in rows of this length (or max_length);
