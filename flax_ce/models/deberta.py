@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -362,27 +362,50 @@ class DisentangledSelfAttention(nnx.Module):
         pair_mask: jax.Array,
         rel_embeddings: jax.Array | None,
         rel_index: np.ndarray | None,
+        first_only: bool = False,
     ) -> jax.Array:
         """x [batch, seq, hidden], pair_mask [batch, seq, seq] bool -> [batch, seq, hidden].
 
         rel_embeddings [rows, hidden] and rel_index [seq, seq] (static rows of it, a function of i - j)
-        are None without relative attention.
+        are None without relative attention. first_only: only token 0 queries (-> [batch, 1, hidden]).
         """
         q, k, v = self.project(x)
         # Both references divide by sqrt(head_dim * factor) computed in fp32; dividing q and the
         # position queries before the matmuls keeps reduced-precision products in range.
         scale = np.sqrt(np.float32(q.shape[-1] * self.scale_factor)).astype(np.float32)
         q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q / scale.astype(q.dtype), k, v))  # heads-major
+        if first_only:
+            q, pair_mask, x = q[:, :, :1], pair_mask[:, :1], x[:, :1]
         extra_scores = None
         if rel_embeddings is not None and (self.c2p or self.p2c):
             pos_key, pos_query = self.position_projections(rel_embeddings.astype(x.dtype))
             pos_query = None if pos_query is None else pos_query / scale.astype(q.dtype)
-            extra_scores = relative_scores(q, k, pos_key, pos_query, rel_index)
+            if first_only:
+                extra_scores = first_row_relative_scores(q, k, pos_key, pos_query, rel_index)
+            else:
+                extra_scores = relative_scores(q, k, pos_key, pos_query, rel_index)
         # Masked scores become the most negative value, as in the reference (which replaces rather than
         # adds), so a fully padded query row is uniform.
         bias = mask_bias(pair_mask)
         context = attend(q, k, v, bias, extra_scores=extra_scores, dropout=self.attention_dropout)
         return self.output(jnp.swapaxes(context, 1, 2).reshape(x.shape), x)
+
+
+def first_row_relative_scores(
+    q: jax.Array, k: jax.Array, pos_key: jax.Array | None, pos_query: jax.Array | None, index: np.ndarray
+):
+    """`relative_scores` for query 0 alone (q [batch, heads, 1, dim]): its relative rows index[0] are
+    static, so c2p and p2c are one product each against the rows gathered in key order."""
+    rows = index[0]
+
+    def add(scores: jax.Array, start: int, size: int) -> jax.Array:
+        if pos_key is not None:  # q_0 . pos_key[index[0, j]]
+            scores = scores + jnp.einsum("bhqd,jhd->bhqj", q, pos_key[rows])
+        if pos_query is not None:  # k_j . pos_query[index[0, j]]
+            scores = scores + jnp.einsum("bhjd,jhd->bhj", k, pos_query[rows])[:, :, None]
+        return scores
+
+    return add
 
 
 class EncoderLayer(nnx.Module):
@@ -398,8 +421,11 @@ class EncoderLayer(nnx.Module):
         pair_mask: jax.Array,
         rel_embeddings: jax.Array | None,
         rel_index: np.ndarray | None,
+        first_only: bool = False,
     ) -> jax.Array:
-        return self.ffn(self.attention(x, pair_mask, rel_embeddings, rel_index))
+        """[batch, seq, hidden] -> the same, or with first_only the output at token 0 alone
+        [batch, 1, hidden] (keys and values still from every token)."""
+        return self.ffn(self.attention(x, pair_mask, rel_embeddings, rel_index, first_only))
 
 
 class ConvLayer(nnx.Module):
@@ -520,8 +546,10 @@ class DebertaCrossEncoder(nnx.Module):
         attention_mask: jax.Array,
         token_type_ids: jax.Array | None = None,
         packing: Packing | None = None,
+        layers: Sequence[EncoderLayer] | None = None,
     ) -> list[jax.Array]:
-        """Hidden states after the embeddings and after each layer, each [batch, seq, hidden]."""
+        """Hidden states after the embeddings and after each layer (or each of `layers`, the first ones
+        of the model), each [batch, seq, hidden]."""
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
         mask = attention_mask.astype(bool)
@@ -532,7 +560,7 @@ class DebertaCrossEncoder(nnx.Module):
         rel_embeddings, rel_index = self.relative_inputs(input_ids.shape[1])
         x = self.embeddings(input_ids, token_type_ids, mask, positions)
         states = [x]
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(self.layers if layers is None else layers):
             x = layer(x, pair_mask, rel_embeddings, rel_index)
             if i == 0 and self.conv is not None:
                 x = self.conv(states[0], x, mask, segment_ids)
@@ -548,8 +576,18 @@ class DebertaCrossEncoder(nnx.Module):
     ) -> jax.Array:
         """input_ids, attention_mask, token_type_ids [batch, seq] int -> logits [batch, num_labels];
         packed rows give logits [batch, slots, num_labels]."""
-        hidden = self.encode(input_ids, attention_mask, token_type_ids, packing)[-1]
-        return self.head(hidden, None if packing is None else packing.starts)
+        if packing is not None or len(self.layers) < 2:
+            hidden = self.encode(input_ids, attention_mask, token_type_ids, packing)[-1]
+            return self.head(hidden, None if packing is None else packing.starts)
+        # One pair a row: the head reads token 0 alone, so the last layer computes only its output there
+        # (about 3/4 of that layer's work saved), as BertCrossEncoder does.
+        hidden = self.encode(input_ids, attention_mask, token_type_ids, layers=self.layers[:-1])[-1]
+        mask = attention_mask.astype(bool)
+        rel_embeddings, rel_index = self.relative_inputs(input_ids.shape[1])
+        out = self.layers[-1](
+            hidden, mask[:, :, None] & mask[:, None, :], rel_embeddings, rel_index, first_only=True
+        )
+        return self.head.classify(out[:, 0])
 
 
 # v1 and v2/v3 share embeddings, output blocks and feed-forward; the ContextPooler head sits beside the
