@@ -30,7 +30,7 @@ MINILM_SHAPES = ((128, 32), (64, 64), (32, 128), (8, 512))
 DEBERTA_SHAPES = ((32, 128), (8, 512))
 # DeBERTa-v3 shapes (random weights: timing only). xsmall is nli-deberta-v3-xsmall's encoder.
 DEBERTA_V3 = {
-    "deberta-v3-xsmall": {"hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 6},
+    "deberta-v3-xsmall": {"hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6},
     "deberta-v3-base": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12},
 }
 

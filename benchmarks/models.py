@@ -30,8 +30,9 @@ def build_minilm_reranker(path: str, seed: int = 0) -> str:
 
 
 # The shape of microsoft/deberta-v3-xsmall (and of cross-encoder/nli-deberta-v3-xsmall's encoder).
+# microsoft/deberta-v3-xsmall's config.json (nli-deberta-v3-xsmall's encoder): 12 layers, 384 wide.
 DEBERTA_V3_XSMALL = dict(
-    num_hidden_layers=6,
+    num_hidden_layers=12,
     hidden_size=384,
     num_attention_heads=6,
     intermediate_size=1536,
