@@ -29,8 +29,8 @@ def build_minilm_reranker(path: str, seed: int = 0) -> str:
     return path
 
 
-# The shape of microsoft/deberta-v3-xsmall (and of cross-encoder/nli-deberta-v3-xsmall's encoder).
-# microsoft/deberta-v3-xsmall's config.json (nli-deberta-v3-xsmall's encoder): 12 layers, 384 wide.
+# The shape of microsoft/deberta-v3-xsmall (and of cross-encoder/nli-deberta-v3-xsmall's encoder), as its
+# config.json gives it: 12 layers, 384 wide, 6 heads.
 DEBERTA_V3_XSMALL = dict(
     num_hidden_layers=12,
     hidden_size=384,
