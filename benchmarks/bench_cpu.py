@@ -2,6 +2,7 @@
 
     python benchmarks/bench_cpu.py            # full run (about 15-20 min on an idle 2-core machine)
     python benchmarks/bench_cpu.py --quick    # fewer pairs, one round: a smoke check of a few minutes
+    python benchmarks/bench_cpu.py --tables   # rewrite results/cpu.md from cpu.json (after bench_forward.py)
 
 Every measurement is a fresh Python process running one engine, as users run them; the engines take turns
 (the order rotates each round) and each number is the median over the rounds, so a noisy shared machine
@@ -49,6 +50,11 @@ def parse_args() -> argparse.Namespace:
         "--quick", action="store_true", help="n=120, 8 pairs per band, 16 DeBERTa pairs, 1 round"
     )
     parser.add_argument("--out", default=os.path.join(HERE, "results", "cpu"))
+    parser.add_argument(
+        "--tables",
+        action="store_true",
+        help="measure nothing: rewrite <out>.md from <out>.json (e.g. after bench_forward.py has run)",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one measurement, JSON spec
     args = parser.parse_args()
     if args.quick:
@@ -426,6 +432,11 @@ def main() -> None:
     args = parse_args()
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
+        return
+    if args.tables:
+        with open(args.out + ".json") as f:
+            result = json.load(f)
+        write_results(args.out, result, to_markdown(result))
         return
     start, load_before = time.perf_counter(), os.getloadavg()[0]
     root = tempfile.mkdtemp(prefix="flax_ce_bench_")
