@@ -1,4 +1,4 @@
-"""What tests share besides checkpoints: the parity tolerance and a compile counter."""
+"""What tests share besides checkpoints: the parity tolerance, a compile counter, a plan checker."""
 
 from __future__ import annotations
 
@@ -25,3 +25,22 @@ def count_compiles():
         yield counter
     finally:
         monitoring.unregister_event_duration_listener(listener)
+
+
+def check_plan(plan, lengths, max_length: int = 512, **settings) -> None:
+    """An unpacked plan's invariants: every input once, in a planned shape it fits, rows a multiple of the
+    device count, at most batch_size inputs a batch (sentence-transformers' meaning), within the budget."""
+    import numpy as np
+
+    from flax_ce.planning import planned_shapes
+
+    seen = np.concatenate([b.indices for b in plan])
+    assert sorted(seen) == list(range(len(lengths)))
+    shapes = planned_shapes(max_length, **settings)
+    for batch in plan:
+        assert (batch.rows, batch.length) in shapes
+        assert all(lengths[i] <= batch.length for i in batch.indices)
+        assert batch.rows % settings.get("multiple", 1) == 0 and len(batch.indices) <= batch.rows
+        assert len(batch.indices) <= settings.get("batch_size", batch.rows)
+        if "token_budget" in settings and batch.rows > settings.get("multiple", 1):
+            assert batch.rows * batch.length <= settings["token_budget"]

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 from checkpoints import sample_pairs
-from support import count_compiles
+from support import check_plan, count_compiles
 
 from flax_ce import CrossEncoder
-from flax_ce.planning import bucket_length, plan_batches, planned_shapes
+from flax_ce.planning import bucket_length, plan_batches
 
 
 def test_compiles_once_per_shape(bert_dir):
@@ -48,15 +48,4 @@ def test_plan_covers_every_input_once_within_budget():
     rng = np.random.RandomState(0)
     lengths = rng.randint(3, 513, size=1000)
     for kwargs in ({"token_budget": 4096}, {"batch_size": 7}, {"token_budget": 8192, "multiple": 4}):
-        plan = plan_batches(lengths, 512, **kwargs)
-        seen = np.concatenate([b.indices for b in plan])
-        assert sorted(seen) == list(range(len(lengths)))
-        shapes = planned_shapes(512, **kwargs)
-        for batch in plan:
-            assert (batch.rows, batch.length) in shapes
-            assert all(lengths[i] <= batch.length for i in batch.indices)
-            assert batch.rows % kwargs.get("multiple", 1) == 0 and len(batch.indices) <= batch.rows
-            # A given batch_size keeps sentence-transformers' meaning: at most that many pairs per forward.
-            assert len(batch.indices) <= kwargs.get("batch_size", batch.rows)
-            if "token_budget" in kwargs and batch.rows > kwargs.get("multiple", 1):
-                assert batch.rows * batch.length <= kwargs["token_budget"]
+        check_plan(plan_batches(lengths, 512, **kwargs), lengths, **kwargs)

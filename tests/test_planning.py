@@ -8,6 +8,7 @@ from collections import Counter
 import jax
 import numpy as np
 from checkpoints import sample_pairs
+from support import check_plan
 
 from flax_ce import CrossEncoder
 from flax_ce.planning import (
@@ -19,23 +20,12 @@ from flax_ce.planning import (
     plan_batches,
     plan_cost,
     plan_packed,
-    planned_shapes,
     rows_for_length,
 )
 
 # Mostly short pairs and a few long stragglers, as in re-ranking: each straggler bucket would be a shape.
 LENGTHS = [int(n) for n in np.random.RandomState(3).randint(20, 140, size=400)] + [290, 350, 420, 470, 512]
 COMPILE = 6144.0
-
-
-def check_plan(plan, lengths, **kwargs):
-    seen = np.concatenate([b.indices for b in plan])
-    assert sorted(seen) == list(range(len(lengths)))
-    shapes = planned_shapes(512, **kwargs)
-    for batch in plan:
-        assert (batch.rows, batch.length) in shapes
-        assert all(lengths[i] <= batch.length for i in batch.indices)
-        assert len(batch.indices) <= min(batch.rows, kwargs.get("batch_size", batch.rows))
 
 
 def test_free_compilation_pads_least():
