@@ -35,8 +35,9 @@ from flax_ce.planning import (
 logger = logging.getLogger("flax_ce")
 
 PIPELINE_DEPTH = 2  # batches in flight before the host waits for the oldest result
-# Compiled programs kept per engine: more than any one plan's shape set (about 100 with the defaults).
-MAX_PROGRAMS = 256
+# Compiled programs kept per engine: more than a warmed-up shape set (129 shapes at max_length 512 with
+# the defaults, each twice when packing=None may or may not pack a call).
+MAX_PROGRAMS = 320
 
 
 def pad_rows(
