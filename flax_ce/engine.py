@@ -26,10 +26,10 @@ from flax_ce.planning import (
     PACKING_MIN_SAVING,
     Batch,
     ShapeCosts,
-    batch_cost,
     plan_batches,
     plan_cost,
     plan_packed,
+    plan_units,
 )
 
 logger = logging.getLogger("flax_ce")
@@ -384,10 +384,7 @@ class ScoringEngine:
         elif self.compile_units() > self._padding_regret:
             packed = any(isinstance(batch, PackedBatch) for batch in plan)
             least, _ = self._plan(lengths, packed, 0.0, batch_size, token_budget)
-            padding = sum(batch_cost(b.rows, b.length) for b in plan) - sum(
-                batch_cost(b.rows, b.length) for b in least
-            )
-            self._padding_regret += max(0.0, padding)
+            self._padding_regret += max(0.0, plan_units(plan) - plan_units(least))
 
     def run(
         self,
@@ -424,7 +421,7 @@ class ScoringEngine:
         for done, scores in pending:
             _gather(out, done, scores)
         self._run_seconds += time.perf_counter() - start - (self.compile_seconds - compiling)
-        self._run_units += sum(batch_cost(batch.rows, batch.length) for batch in plan)
+        self._run_units += plan_units(plan)
         return out
 
 

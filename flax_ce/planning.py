@@ -5,8 +5,9 @@ batch_size inputs). Every shape costs one compilation the first time, which on C
 several thousand tokens, so a call that would need a shape for a handful of inputs (the last, partial
 batch of a bucket; a bucket with two long inputs) weighs that against padding them into a shape it has or
 needs anyway: `ShapeCosts` prices both in one unit, and `choose_lengths` merges adjacent buckets where
-that is cheaper. Shapes already compiled cost nothing, so once a shape set exists later calls keep to it
-unless a new shape saves more than its compilation within that call.
+that is cheaper. Shapes already compiled cost nothing; the engine (`ScoringEngine.plan`) lowers the price
+of a new one by the padding its plans have paid since it last compiled, so repeated calls reach the plan
+that pads least.
 """
 
 from __future__ import annotations
@@ -160,11 +161,17 @@ def plan_batches(
         # Only inputs padded to this length join this batch, so a short tail is not padded to a long one.
         in_bucket = int(np.searchsorted(-buckets[start:], -length, side="right"))
         take = order[start : start + min(full, in_bucket)]
-        planned = {(b.rows, b.length) for b in batches}
-        rows = full if len(take) == full else costs.tail_rows(len(take), full, length, multiple, planned)
-        batches.append(Batch(take, rows, length))
+        batches.append(Batch(take, _batch_rows(len(take), full, length, multiple, costs, batches), length))
         start += len(take)
     return batches
+
+
+def _batch_rows(count: int, full: int, length: int, multiple: int, costs: ShapeCosts, batches: list) -> int:
+    """Rows of a batch of `count` inputs at `length`: full, or for a partial batch the menu size `costs`
+    finds cheapest (the shapes of `batches`, planned before it, being free)."""
+    if count == full:
+        return full
+    return costs.tail_rows(count, full, length, multiple, {(b.rows, b.length) for b in batches})
 
 
 def planned_shapes(
@@ -234,9 +241,7 @@ def plan_packed(
                     break
                 pairs += len(rows_left[end])
                 end += 1
-            take = end - start
-            planned = {(b.rows, b.length) for b in batches}
-            rows = full if take == full else costs.tail_rows(take, full, length, multiple, planned)
+            rows = _batch_rows(end - start, full, length, multiple, costs, batches)
             grid = np.full((rows, slots_for_length(length, batch_size)), -1, dtype=np.int64)
             for r, members in enumerate(rows_left[start:end]):
                 grid[r, : len(members)] = members
@@ -250,9 +255,12 @@ def padded_tokens(plan: list[Batch] | list[PackedBatch]) -> int:
     return sum(batch.rows * batch.length for batch in plan)
 
 
+def plan_units(plan: list[Batch] | list[PackedBatch]) -> float:
+    """Estimated cost of a plan's calls, in units (`batch_cost`), compilation aside."""
+    return sum(batch_cost(batch.rows, batch.length) for batch in plan)
+
+
 def plan_cost(plan: list[Batch] | list[PackedBatch], costs: ShapeCosts) -> float:
     """Estimated cost of a plan: its calls, and each shape it would compile."""
     shapes = {(batch.rows, batch.length) for batch in plan}
-    return sum(batch_cost(batch.rows, batch.length) for batch in plan) + sum(
-        costs.new_shape_cost(shape) for shape in shapes
-    )
+    return plan_units(plan) + sum(costs.new_shape_cost(shape) for shape in shapes)
