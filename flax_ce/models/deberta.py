@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -546,10 +546,20 @@ class DebertaCrossEncoder(nnx.Module):
         attention_mask: jax.Array,
         token_type_ids: jax.Array | None = None,
         packing: Packing | None = None,
-        layers: Sequence[EncoderLayer] | None = None,
     ) -> list[jax.Array]:
-        """Hidden states after the embeddings and after each layer (or each of `layers`, the first ones
-        of the model), each [batch, seq, hidden]."""
+        """Hidden states after the embeddings and after each layer, each [batch, seq, hidden]."""
+        return self._hidden_states(input_ids, attention_mask, token_type_ids, packing)
+
+    def _hidden_states(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array,
+        token_type_ids: jax.Array | None,
+        packing: Packing | None,
+        last_at_first_token: bool = False,
+    ) -> list[jax.Array]:
+        """`encode`'s states; with last_at_first_token, the last layer's is computed at token 0 alone
+        ([batch, 1, hidden]), unless that layer is also the first (the conv layer reads all its tokens)."""
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
         mask = attention_mask.astype(bool)
@@ -560,8 +570,10 @@ class DebertaCrossEncoder(nnx.Module):
         rel_embeddings, rel_index = self.relative_inputs(input_ids.shape[1])
         x = self.embeddings(input_ids, token_type_ids, mask, positions)
         states = [x]
-        for i, layer in enumerate(self.layers if layers is None else layers):
-            x = layer(x, pair_mask, rel_embeddings, rel_index)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            first_only = last_at_first_token and i == last and i > 0
+            x = layer(x, pair_mask, rel_embeddings, rel_index, first_only)
             if i == 0 and self.conv is not None:
                 x = self.conv(states[0], x, mask, segment_ids)
             states.append(x)
@@ -576,18 +588,15 @@ class DebertaCrossEncoder(nnx.Module):
     ) -> jax.Array:
         """input_ids, attention_mask, token_type_ids [batch, seq] int -> logits [batch, num_labels];
         packed rows give logits [batch, slots, num_labels]."""
-        if packing is not None or len(self.layers) < 2:
+        if packing is not None:
             hidden = self.encode(input_ids, attention_mask, token_type_ids, packing)[-1]
-            return self.head(hidden, None if packing is None else packing.starts)
+            return self.head(hidden, packing.starts)
         # One pair a row: the head reads token 0 alone, so the last layer computes only its output there
         # (about 3/4 of that layer's work saved), as BertCrossEncoder does.
-        hidden = self.encode(input_ids, attention_mask, token_type_ids, layers=self.layers[:-1])[-1]
-        mask = attention_mask.astype(bool)
-        rel_embeddings, rel_index = self.relative_inputs(input_ids.shape[1])
-        out = self.layers[-1](
-            hidden, mask[:, :, None] & mask[:, None, :], rel_embeddings, rel_index, first_only=True
+        hidden = self._hidden_states(
+            input_ids, attention_mask, token_type_ids, None, last_at_first_token=True
         )
-        return self.head.classify(out[:, 0])
+        return self.head(hidden[-1])
 
 
 # v1 and v2/v3 share embeddings, output blocks and feed-forward; the ContextPooler head sits beside the
