@@ -14,7 +14,7 @@ from checkpoints import sample_pairs, set_config
 from support import ROUNDING, TOLERANCE
 
 from flax_ce import CrossEncoder
-from flax_ce.activations import activation_from_name, torch_name
+from flax_ce.activations import HIDDEN_ACTIVATIONS, activation_from_name, torch_name
 
 PAIRS = sample_pairs(6)
 
@@ -127,3 +127,22 @@ def test_torch_names_round_trip():
     for name in ("Identity", "Sigmoid", "Tanh", "Softmax"):
         fn = activation_from_name(f"torch.nn.{name}")
         assert activation_from_name(torch_name(fn)) is fn
+
+
+@pytest.mark.parametrize("name", sorted(HIDDEN_ACTIVATIONS))
+def test_hidden_activations_match_transformers(name):
+    """Every `hidden_act` we implement against transformers' ACT2FN, values and gradients, over the range
+    a layer sees and past GELU's x > 10 branch (fp32; torch in float64 as the truth)."""
+    import torch
+    from transformers.activations import ACT2FN
+
+    x = np.concatenate([np.linspace(-30, 30, 6001), [9.999999, 10.0, 10.000001, -10.0]]).astype(np.float32)
+    fn = HIDDEN_ACTIVATIONS[name]
+    ours = np.asarray(jax.jit(fn)(x))
+    ours_grad = np.asarray(jax.jit(jax.vmap(jax.grad(fn)))(x))
+    xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+    ref = ACT2FN[name](xt)
+    ref.sum().backward()
+    ref, ref_grad = ref.detach().numpy(), xt.grad.numpy()
+    np.testing.assert_allclose(ours, ref, rtol=2e-6, atol=2e-6, err_msg=name)
+    np.testing.assert_allclose(ours_grad, ref_grad, rtol=2e-5, atol=2e-5, err_msg=name)
