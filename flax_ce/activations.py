@@ -15,9 +15,9 @@ def _gelu_exact(x: jax.Array) -> jax.Array:
 
     The select is for XLA CPU (jaxlib 0.10): without it YNNPACK fuses a whole layer (attention-output dense,
     LayerNorm, both feed-forward matmuls, GELU, LayerNorm) into one kernel; with it XLA computes GELU in one
-    elementwise pass between the matmuls, and the MiniLM-L6 forward ran 1.2-1.3x faster at 4096-token
+    elementwise pass between the matmuls, and the MiniLM-L6 forward ran 1.1-1.25x faster at 4096-token
     batches ([32, 128] and [8, 512], 2-core AMD EPYC, one process, interleaved; jax.nn.gelu's erfc form,
-    which also splits the fusion but takes two passes, 1.1x). A lone dense + GELU + dense block measures the
+    which also splits the fusion but takes two passes, 1.1x less). A lone dense + GELU + dense block measures the
     other way round: judge this on the whole forward.
     """
     return jnp.where(x > 10, x, x * (0.5 + 0.5 * jax.lax.erf(x * (1 / math.sqrt(2)))))
