@@ -32,7 +32,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from report import run_fresh, write_results  # noqa: E402
+from report import cpu_model, run_fresh, write_results  # noqa: E402
 
 # Length bands in tokens (lower bound inclusive, upper exclusive); 512 is the truncated limit itself.
 BANDS = {"<64": (0, 64), "64-128": (64, 128), "128-256": (128, 256), "256-511": (256, 512), "512": (512, 513)}
@@ -396,7 +396,7 @@ def to_markdown(result: dict) -> str:
     lines = [
         "# CPU benchmark: flax_ce vs sentence-transformers",
         "",
-        f"`{result['command']}` on {result['date']}: {m['cpu_count']} cores ({m['processor']}), "
+        f"`{result['command']}` on {result['date']}: {m['cpu_count']} cores ({m.get('cpu', m['processor'])}), "
         f"jax {v['jax']}, torch {v['torch']}, sentence-transformers {v['sentence_transformers']}; "
         f"{result['rounds']} rounds, {result['total_minutes']:.1f} min, load average {m['load_before']} "
         f"before and {m['load_after']} after (the machine is shared).",
@@ -451,6 +451,7 @@ def main() -> None:
         "machine": {
             "cpu_count": os.cpu_count(),
             "processor": platform.processor() or platform.machine(),
+            "cpu": cpu_model(),
             "load_before": round(load_before, 1),
             "load_after": round(os.getloadavg()[0], 1),
         },

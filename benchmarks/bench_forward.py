@@ -25,6 +25,8 @@ import sys
 import tempfile
 import time
 
+from report import cpu_model
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 MINILM_SHAPES = ((128, 32), (64, 64), (32, 128), (8, 512))
 DEBERTA_SHAPES = ((32, 128), (8, 512))
@@ -211,7 +213,8 @@ def write_tables(out: str, report: dict) -> None:
         "# Fixed-shape forward: flax_ce (jax.jit) vs the torch model sentence-transformers runs",
         "",
         f"Command: `{report['command']}`  ({env['date']}; jax {env['jax']}, torch {env['torch']}, "
-        f"transformers {env['transformers']}, {env['cpus']} CPUs, torch threads {env['torch_threads']})",
+        f"transformers {env['transformers']}, {env['cpus']} CPUs ({env.get('cpu', env['machine'])}), "
+        f"torch threads {env['torch_threads']})",
         "",
         f"Each engine in its own fresh process per measurement, alternated, median of {report['runs']} "
         f"processes (each the median of a >= {report['min_seconds']:g} s loop). fp32. ratio = torch ms / flax_ce ms (> 1: flax_ce "
@@ -247,6 +250,7 @@ def environment() -> dict:
         "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
 

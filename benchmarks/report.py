@@ -6,6 +6,31 @@ import json
 import os
 
 
+def cpu_model() -> str:
+    """The CPU as /proc/cpuinfo names it, with the vector extensions that decide fp32 matmul speed (AVX2,
+    AVX-512, AMX): the same benchmark's ratios differ by machine type, and `platform` only says x86_64."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+    except OSError:
+        return platform.processor() or platform.machine()
+    first_cpu = info.split("\n\n")[0].splitlines()
+    fields = {
+        key.strip(): value.strip() for key, value in (line.split(":", 1) for line in first_cpu if ":" in line)
+    }
+    flags = set(fields.get("flags", "").split())
+    extensions = [
+        name
+        for name, flag in (("AVX2", "avx2"), ("AVX-512", "avx512f"), ("AMX", "amx_tile"))
+        if flag in flags
+    ]
+    name = fields.get("model name", platform.machine())
+    family = f"family {fields['cpu family']} model {fields['model']}" if "cpu family" in fields else ""
+    return ", ".join(part for part in (name, family, " + ".join(extensions)) if part)
+
+
 def write_results(out: str, result: dict, markdown: str) -> None:
     """Save `result` as out.json and `markdown` as out.md, and print the tables."""
     os.makedirs(os.path.dirname(out), exist_ok=True)
