@@ -285,6 +285,9 @@ class ScoringEngine:
         time, and the activation's operations for each batch's [rows (x slots), num_outputs] logits."""
         state = self.weights(model)
         shapes = sorted(shapes)
+        # What was asked to be warmed stays compiled: a set larger than the cap (ModernBERT's at 8,192
+        # tokens) raises the cap rather than evicting its own first shapes while compiling the last.
+        self.max_programs = max(self.max_programs, len(set(self._programs) | set(shapes)))
         self.compile_programs(state, shapes)
         if activation_fn is not None:
             for rows, _, slots in shapes:

@@ -93,6 +93,17 @@ def test_compiled_programs_are_bounded(bert_dir):
     assert len(ce.engine._programs) == 3
 
 
+def test_warmup_keeps_a_set_larger_than_the_cap(bert_dir):
+    ce = CrossEncoder(bert_dir, max_length=64, token_budget=256, packing=False)
+    ce.engine.max_programs = 2
+    compiled = ce.warmup()
+    assert compiled == len(ce.planned_shapes()) > 2
+    assert len(ce.engine._programs) == compiled
+    with count_compiles() as compiles:
+        ce.predict(PAIRS)
+    assert compiles[0] == 0
+
+
 WEIGHTS_ON_A_MESH = """
 import json, sys
 import jax, numpy as np, torch
