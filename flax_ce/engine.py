@@ -3,6 +3,7 @@ dispatch."""
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import time
@@ -73,6 +74,9 @@ jax.monitoring.register_event_duration_secs_listener(_count_event)
 
 
 COMPILATION_CACHE_ENV = "FLAX_CE_COMPILATION_CACHE"  # "0" (or false/no/off) opts out of the default cache
+# Beyond this size the persistent cache deletes its least recently used programs (a MiniLM-L6 program
+# takes about 75 KB, so all 129 shapes of one model at max_length 512, packed and unpacked, about 20 MB).
+COMPILATION_CACHE_MAX_BYTES = 2 * 1024**3
 
 
 def default_compilation_cache_dir() -> str:
@@ -81,14 +85,22 @@ def default_compilation_cache_dir() -> str:
     return os.path.join(base, "flax_ce", "jax")
 
 
-def enable_compilation_cache(path: str | os.PathLike | None = None) -> str:
+def enable_compilation_cache(
+    path: str | os.PathLike | None = None, max_bytes: int | None = COMPILATION_CACHE_MAX_BYTES
+) -> str:
     """Persistent XLA compilation cache in `path` (default: default_compilation_cache_dir()), caching
-    every program however fast it compiled; returns its directory."""
+    every program however fast it compiled and deleting the least recently used ones beyond `max_bytes`
+    (None: no limit); returns its directory."""
     path = os.fspath(path or default_compilation_cache_dir())
     os.makedirs(path, exist_ok=True)
+    if max_bytes is not None and importlib.util.find_spec("filelock") is None:
+        # JAX's size limit locks the directory with filelock (huggingface_hub depends on it).
+        logger.warning("compilation cache not size-limited: the filelock package is not installed")
+        max_bytes = None
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    jax.config.update("jax_compilation_cache_max_size", -1 if max_bytes is None else int(max_bytes))
     return path
 
 

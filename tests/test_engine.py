@@ -207,7 +207,7 @@ import json, sys
 import flax_ce
 from flax_ce.engine import enable_compilation_cache
 if sys.argv[3]:  # the user's own cache directory, set before flax_ce would choose one
-    enable_compilation_cache(sys.argv[3])
+    enable_compilation_cache(sys.argv[3], **json.loads(sys.argv[5]))
 ce = flax_ce.CrossEncoder(sys.argv[1], compilation_cache=sys.argv[2] == "on")
 scores = ce.predict(json.loads(sys.argv[4]))
 print(json.dumps({"xla_compiles": ce.engine.xla_compiles, "programs": ce.engine.compile_count,
@@ -215,13 +215,22 @@ print(json.dumps({"xla_compiles": ce.engine.xla_compiles, "programs": ce.engine.
 """
 
 
-def _run_default_cache(bert_dir, home, argument="on", user_dir="", env_switch=None) -> dict:
+def _run_default_cache(bert_dir, home, argument="on", user_dir="", env_switch=None, cache_args=None) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "FLAX_CE_COMPILATION_CACHE"}
     env["XDG_CACHE_HOME"] = str(home)
     if env_switch is not None:
         env["FLAX_CE_COMPILATION_CACHE"] = env_switch
     result = subprocess.run(
-        [sys.executable, "-c", DEFAULT_CACHE, bert_dir, argument, user_dir, json.dumps(PAIRS[:8])],
+        [
+            sys.executable,
+            "-c",
+            DEFAULT_CACHE,
+            bert_dir,
+            argument,
+            user_dir,
+            json.dumps(PAIRS[:8]),
+            json.dumps(cache_args or {}),
+        ],
         capture_output=True,
         text=True,
         timeout=600,
@@ -250,6 +259,26 @@ def test_default_compilation_cache_opt_out(bert_dir, tmp_path, how):
     assert not (tmp_path / "flax_ce").exists()
     if user_dir:
         assert os.listdir(user_dir)
+
+
+def _cached_bytes(directory) -> list[int]:
+    return [
+        os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory) if f.endswith("-cache")
+    ]
+
+
+def test_compilation_cache_keeps_under_its_size_limit(bert_dir, tmp_path):
+    unbounded = str(tmp_path / "unbounded")
+    _run_default_cache(bert_dir, tmp_path, user_dir=unbounded, cache_args={"max_bytes": None})
+    sizes = _cached_bytes(unbounded)
+    assert len(sizes) >= 3  # the forward, the activation and the stages that place the weights
+    limit = sum(sizes) - min(sizes) // 2  # one entry too many: the least recently used goes
+    bounded = str(tmp_path / "bounded")
+    run = _run_default_cache(bert_dir, tmp_path, user_dir=bounded, cache_args={"max_bytes": limit})
+    assert sum(_cached_bytes(bounded)) <= limit
+    assert 1 <= len(_cached_bytes(bounded)) < len(sizes)
+    again = _run_default_cache(bert_dir, tmp_path, user_dir=bounded, cache_args={"max_bytes": limit})
+    assert again["scores"] == run["scores"]
 
 
 def _kendall_tau(a, b) -> float:
