@@ -121,9 +121,10 @@ def merge_prompts(
 # the BERT encoder (real MiniLM-L6) scored 300 MS MARCO-like pairs (mean 121 tokens, 8% fewer padded
 # tokens packed) 1.08x faster (median of 9 rounds, 0.92-1.18) and 1,000 short pairs (mean 54 tokens, 19%
 # fewer) 1.15x (0.95-1.30); 300 short pairs (9% fewer) were neither faster nor slower (1.01x). RoBERTa,
-# XLM-R and ELECTRA run the same encoder. A DeBERTa-v3-xsmall shape showed no clear gain (1.05x by round,
-# 0.98x by median rates, 1.00x timed in one process: its relative attention costs more in longer rows);
-# ModernBERT and accelerators are not measured. Packing stays off for those unless asked.
+# XLM-R and ELECTRA run the same encoder. A DeBERTa-v3-xsmall shape showed no clear gain (6 layers: 1.05x
+# by round, 0.98x by median rates, 1.00x timed in one process; 12 layers: 0.78x by median round, the same
+# process CPU time: its relative attention costs more in longer rows); ModernBERT and accelerators are
+# not measured. Packing stays off for those unless asked.
 AUTO_PACKING_TYPES = ("bert", "roberta", "xlm-roberta", "electra")
 
 
