@@ -383,7 +383,8 @@ def forward_table(out: str) -> list[str]:
     the same folder, measured on the same machine), if it has been run."""
     path = os.path.join(os.path.dirname(os.path.abspath(out)), "forward.md")
     if not os.path.exists(path):
-        return ["### Fixed-shape forward", "", "Not run yet: `python benchmarks/bench_forward.py`."]
+        command = f"python benchmarks/bench_forward.py --out {os.path.join(os.path.dirname(out), 'forward')}"
+        return ["### Fixed-shape forward", "", f"Not run yet: `{command}`."]
     with open(path) as f:
         body = f.read().strip()
     return [
