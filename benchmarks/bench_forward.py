@@ -124,19 +124,23 @@ def flax_worker(model_dir: str, arrays: dict, min_seconds: float) -> dict:
     from flax import nnx
 
     import flax_ce
+    from flax_ce import cpu_matmul
 
     model, _, _ = flax_ce.load(model_dir)
     graphdef, state = nnx.split(model)
     forward = jax.jit(lambda state, *a: flax_ce.score(nnx.merge(graphdef, state), *a))
     args = [jax.device_put(arrays[k]) for k in ("input_ids", "attention_mask", "token_type_ids")]
     start = time.perf_counter()
-    lowered = forward.lower(state, *args)
+    # Traced as the scoring engine traces its programs: MKL dense layers where FLAX_CE_CPU_MATMUL picks them.
+    with cpu_matmul.scope() as native:
+        lowered = forward.lower(state, *args)
     lower_s = time.perf_counter() - start
     compiled = lowered.compile()
     compile_s = time.perf_counter() - start - lower_s
     logits = compiled(state, *args).block_until_ready()
     times = timed_loop(lambda: compiled(state, *args).block_until_ready(), min_seconds)
-    return {**times, "lower_s": lower_s, "compile_s": compile_s, "logits": logits.tolist()}
+    matmul = "mkl" if native else "xla"
+    return {**times, "lower_s": lower_s, "compile_s": compile_s, "matmul": matmul, "logits": logits.tolist()}
 
 
 def torch_worker(model_dir: str, arrays: dict, min_seconds: float) -> dict:
@@ -198,6 +202,7 @@ def bench_shape(model_dir: str, shape: tuple[int, int], runs: int, tmp: str, min
         "flax_compile_s": statistics.median(r["lower_s"] + r["compile_s"] for r in results["flax"]),
         "max_abs_diff": float(diff.max()),
         "torch_threads": results["torch"][0]["threads"],
+        "flax_matmul": results["flax"][0]["matmul"],
     }
     print(json.dumps({k: v for k, v in row.items() if not k.endswith("runs_ms")}), flush=True)
     return row
@@ -219,7 +224,11 @@ def write_tables(out: str, report: dict) -> None:
         f"Each engine in its own fresh process per measurement, alternated, median of {report['runs']} "
         f"processes (each the median of a >= {report['min_seconds']:g} s loop). fp32. ratio = torch ms / flax_ce ms (> 1: flax_ce "
         "faster); CPU-time ratio: the same with process CPU time (all threads), steadier on shared cores. "
-        "Compile = trace + lower + XLA compile of the forward for that shape.",
+        "Compile = trace + lower + XLA compile of the forward for that shape. flax_ce's dense layers: "
+        + ", ".join(sorted({r.get("flax_matmul", "xla") for rows in report["models"].values() for r in rows}))
+        + " (flax_ce.cpu_matmul; FLAX_CE_CPU_MATMUL="
+        + env.get("cpu_matmul_mode", "auto")
+        + ").",
     ]
     for model, rows in report["models"].items():
         lines += ["", f"## {model}", ""]
@@ -252,6 +261,7 @@ def environment() -> dict:
         "machine": platform.processor() or platform.machine(),
         "cpu": cpu_model(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "cpu_matmul_mode": os.environ.get("FLAX_CE_CPU_MATMUL", "auto"),
     }
 
 

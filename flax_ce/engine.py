@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from flax_ce import cpu_matmul
 from flax_ce.models.packing import Packing
 from flax_ce.packing import PackedBatch, packed_arrays, slots_for_length
 from flax_ce.planning import (
@@ -185,6 +186,9 @@ class ScoringEngine:
         self.dtype = dtype
         self.max_programs = max_programs
         self.multiple = mesh.size if mesh is not None else 1
+        # fp32 dense layers through MKL (flax_ce.cpu_matmul): one CPU device only, decided once, so every
+        # program of this engine is traced alike.
+        self.cpu_matmul = mesh is None and jnp.dtype(dtype) == jnp.float32 and cpu_matmul.wanted()
         self.compile_count = 0  # programs built by this engine (compiled, or loaded from the cache)
         self.compile_seconds = 0.0
         self.xla_compiles = 0  # of those, real XLA compilations (not persistent-cache hits)
@@ -281,10 +285,11 @@ class ScoringEngine:
 
     def _lower(self, state: nnx.State, rows: int, length: int, slots: int) -> jax.stages.Lowered:
         spec = jax.ShapeDtypeStruct((rows, length), jnp.int32)
-        if slots:
-            packing = Packing(spec, spec, jax.ShapeDtypeStruct((rows, slots), jnp.int32))
-            return self._packed_forward.lower(state, spec, spec, spec, packing)
-        return self._forward.lower(state, spec, spec, spec)
+        with cpu_matmul.scope(self.cpu_matmul):
+            if slots:
+                packing = Packing(spec, spec, jax.ShapeDtypeStruct((rows, slots), jnp.int32))
+                return self._packed_forward.lower(state, spec, spec, spec, packing)
+            return self._forward.lower(state, spec, spec, spec)
 
     def warmup(
         self,

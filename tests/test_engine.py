@@ -256,7 +256,8 @@ def test_default_compilation_cache_opt_out(bert_dir, tmp_path, how):
     env_switch = "0" if how == "environment" else None
     run = _run_default_cache(bert_dir, tmp_path, argument, user_dir, env_switch)
     assert run["xla_compiles"] == run["programs"] >= 1
-    assert not (tmp_path / "flax_ce").exists()
+    # (flax_ce/native may hold the MKL matmul handler, flax_ce.cpu_matmul: not a compilation cache)
+    assert not (tmp_path / "flax_ce" / "jax").exists()
     if user_dir:
         assert os.listdir(user_dir)
 

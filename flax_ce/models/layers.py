@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from flax_ce import cpu_matmul
 from flax_ce.activations import HIDDEN_ACTIVATIONS
 from flax_ce.conversion.rules import Kind, Rule
 from flax_ce.models.packing import first_tokens
@@ -22,12 +23,23 @@ BLOCK_RULES = (
 )
 
 
+class Dense(nnx.Linear):
+    """nnx.Linear whose fp32 matmul goes to MKL in programs traced under `flax_ce.cpu_matmul.scope()`."""
+
+    def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
+        kernel = self.kernel[...]
+        if out_sharding is None and self.dtype in (None, jnp.float32) and cpu_matmul.applies(inputs, kernel):
+            y = cpu_matmul.matmul(inputs, kernel)
+            return y if self.bias is None else y + self.bias[...]
+        return super().__call__(inputs, out_sharding)
+
+
 def dense(
     in_features: int, out_features: int, *, rngs: nnx.Rngs, dtype=jnp.float32, use_bias: bool = True
 ) -> nnx.Linear:
     """A Linear layer initialised as transformers does with the default `initializer_range` (normal, std 0.02);
     parameters are fp32, computation in `dtype`."""
-    return nnx.Linear(
+    return Dense(
         in_features,
         out_features,
         use_bias=use_bias,
