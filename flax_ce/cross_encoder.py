@@ -310,6 +310,7 @@ class CrossEncoder:
             batch_size=batch_size,
             token_budget=self.token_budget,
             multiple=self.engine.multiple,
+            budget_caps_batch_size=self.engine.budget_caps_batch_size,
         )
 
     def _scores_for_mode(

@@ -189,6 +189,9 @@ class ScoringEngine:
         # fp32 dense layers through MKL (flax_ce.cpu_matmul): one CPU device only, decided once, so every
         # program of this engine is traced alike.
         self.cpu_matmul = mesh is None and jnp.dtype(dtype) == jnp.float32 and cpu_matmul.wanted()
+        # On CPU a given batch_size is also held to the token budget at lengths where it would exceed it
+        # (flax_ce.planning.rows_for_length); accelerators take batch_size rows as asked.
+        self.budget_caps_batch_size = jax.default_backend() == "cpu"
         self.compile_count = 0  # programs built by this engine (compiled, or loaded from the cache)
         self.compile_seconds = 0.0
         self.xla_compiles = 0  # of those, real XLA compilations (not persistent-cache hits)
@@ -385,7 +388,12 @@ class ScoringEngine:
         token_budget: int,
     ) -> tuple[list[Batch] | list[PackedBatch], ShapeCosts]:
         costs = self.shape_costs(packed, batch_size, compile_units)
-        settings = {"batch_size": batch_size, "token_budget": token_budget, "multiple": self.multiple}
+        settings = {
+            "batch_size": batch_size,
+            "token_budget": token_budget,
+            "multiple": self.multiple,
+            "budget_caps_batch_size": self.budget_caps_batch_size,
+        }
         if packed:
             plan = plan_packed(
                 lengths, self.max_length, pack_length=self.pack_length, costs=costs, **settings

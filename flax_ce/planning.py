@@ -126,12 +126,23 @@ class Batch:
     length: int
 
 
-def rows_for_length(length: int, batch_size: int | None, token_budget: int, multiple: int = 1) -> int:
-    """Rows of a full batch at `length`: batch_size if given, else the largest menu size within the budget."""
-    if batch_size is not None:
-        return _round_up(batch_size, multiple)
+def rows_for_length(
+    length: int,
+    batch_size: int | None,
+    token_budget: int,
+    multiple: int = 1,
+    budget_caps_batch_size: bool = False,
+) -> int:
+    """Rows of a full batch at `length`: batch_size if given, else the largest menu size within the budget.
+
+    budget_caps_batch_size (the engine sets it on CPU): where batch_size rows of `length` exceed the token
+    budget, the budget's rows instead (fewer: batch_size stays "at most that many pairs per forward"). On
+    CPU a [24, 512] batch scored slower per pair than three [8, 512] ones (activations out of cache)."""
     fitting = [b for b in BATCH_MENU if b * length <= token_budget] or [1]
-    return _round_up(fitting[-1], multiple)
+    if batch_size is not None and not (budget_caps_batch_size and batch_size * length > token_budget):
+        return _round_up(batch_size, multiple)
+    rows = fitting[-1] if batch_size is None else min(batch_size, fitting[-1])
+    return _round_up(rows, multiple)
 
 
 def plan_batches(
@@ -142,6 +153,7 @@ def plan_batches(
     token_budget: int = DEFAULT_TOKEN_BUDGET,
     multiple: int = 1,
     costs: ShapeCosts = ShapeCosts(),
+    budget_caps_batch_size: bool = False,
 ) -> list[Batch]:
     """Longest-first batches over 32-token buckets (merged where `costs` says so); the last, partial
     batch of a length takes the menu size `costs` finds cheapest."""
@@ -150,7 +162,7 @@ def plan_batches(
     buckets = np.minimum(-(-np.maximum(lengths[order], 1) // LENGTH_BUCKET) * LENGTH_BUCKET, max_length)
 
     def rows_at(length: int) -> int:
-        return rows_for_length(length, batch_size, token_budget, multiple)
+        return rows_for_length(length, batch_size, token_budget, multiple, budget_caps_batch_size)
 
     padded_to = choose_lengths(Counter(buckets.tolist()), rows_at, costs, multiple)
     buckets = np.array([padded_to[int(b)] for b in buckets], dtype=np.int64)
@@ -180,13 +192,14 @@ def planned_shapes(
     batch_size: int | None = None,
     token_budget: int = DEFAULT_TOKEN_BUDGET,
     multiple: int = 1,
+    budget_caps_batch_size: bool = False,
 ) -> set[tuple[int, int]]:
     """Every (rows, length) shape `plan_batches` and `plan_packed` can produce for this setting: the
     compile set."""
     shapes = set()
     lengths = sorted({bucket_length(n, max_length) for n in range(1, max_length + 1)})
     for length in lengths:
-        full = rows_for_length(length, batch_size, token_budget, multiple)
+        full = rows_for_length(length, batch_size, token_budget, multiple, budget_caps_batch_size)
         shapes.add((full, length))
         shapes.update(
             (min(full, _round_up(b, multiple)), length) for b in BATCH_MENU if _round_up(b, multiple) < full
@@ -203,6 +216,7 @@ def plan_packed(
     multiple: int = 1,
     pack_length: int = PACK_LENGTH,
     costs: ShapeCosts = ShapeCosts(),
+    budget_caps_batch_size: bool = False,
 ) -> list[PackedBatch]:
     """Packed rows in batches of one length: as many rows as `plan_batches` would give that length (the
     last batch of a length sized by `costs`); with batch_size, also at most batch_size pairs a batch, as
@@ -222,7 +236,7 @@ def plan_packed(
         return slots_for_length(bucket_length(used, max_length), batch_size)
 
     def rows_at(length: int) -> int:
-        return rows_for_length(length, batch_size, token_budget, multiple)
+        return rows_for_length(length, batch_size, token_budget, multiple, budget_caps_batch_size)
 
     packed = pack_rows(lengths, capacity, max_pairs)
     row_lengths = [bucket_length(used, max_length) for used, _ in packed]

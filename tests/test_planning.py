@@ -20,6 +20,7 @@ from flax_ce.planning import (
     plan_batches,
     plan_cost,
     plan_packed,
+    planned_shapes,
     rows_for_length,
 )
 
@@ -157,3 +158,22 @@ def test_repeated_calls_reach_the_plan_that_pads_least(bert_dir, monkeypatch):
     ce.predict(pairs)
     assert ce.engine.compile_count == programs  # settled: nothing more to compile
     assert {(b.rows, b.length) for b in ce.engine.plan(lengths, None, ce.token_budget)} == least
+
+
+def test_budget_caps_batch_size_only_where_it_is_exceeded():
+    """On CPU (the engine's setting) batch_size=32 keeps 32 rows up to 128 tokens and takes the budget's rows
+    beyond; without the setting (accelerators) batch_size rows at every length."""
+    assert [rows_for_length(n, 32, 4096, budget_caps_batch_size=True) for n in (32, 128, 160, 256, 512)] == [
+        32,
+        32,
+        24,
+        16,
+        8,
+    ]
+    assert {rows_for_length(n, 32, 4096) for n in (32, 128, 512)} == {32}
+    assert rows_for_length(512, 5, 4096, budget_caps_batch_size=True) == 5  # within the budget: as asked
+    assert rows_for_length(512, 32, 4096, multiple=3, budget_caps_batch_size=True) == 9
+    plan = plan_batches([500] * 20 + [40] * 40, 512, batch_size=32, budget_caps_batch_size=True)
+    assert max(b.rows for b in plan if b.length == 512) == 8 and all(len(b.indices) <= 32 for b in plan)
+    assert {(8, 512), (32, 32)} <= planned_shapes(512, batch_size=32, budget_caps_batch_size=True)
+    assert (32, 512) not in planned_shapes(512, batch_size=32, budget_caps_batch_size=True)
