@@ -1,5 +1,5 @@
 // XLA FFI handler for flax_ce.cpu_matmul: y[m, n] = x[m, k] @ w[k, n] in fp32 through a CBLAS sgemm
-// (Intel MKL's cblas_sgemm, handed over at load time, so nothing links against MKL here).
+// (Intel MKL's cblas_sgemm_64, handed over at load time, so nothing links against MKL here).
 //
 // The rows are cut into one chunk per thread of XLA's intra-op pool; the calling thread and the tasks it
 // schedules take chunks from a shared counter and each runs a single-threaded sgemm on its chunk. The
@@ -9,7 +9,6 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
-#include <limits>
 #include <memory>
 #include <mutex>
 
@@ -19,8 +18,9 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-using Sgemm = void (*)(int, int, int, int, int, int, float, const float*, int, const float*, int, float,
-                       float*, int);
+// cblas_sgemm_64: MKL's sgemm with 64-bit sizes, whatever MKL_INTERFACE_LAYER says.
+using Sgemm = void (*)(int, int, int, int64_t, int64_t, int64_t, float, const float*, int64_t, const float*,
+                       int64_t, float, float*, int64_t);
 using SetLocalThreads = int (*)(int);
 
 Sgemm sgemm = nullptr;
@@ -52,9 +52,8 @@ void RunChunks(Job& job) {
     // MKL's own threads stay off: one sgemm per pool thread. The thread-local setting is put back, since
     // the calling thread may be the user's.
     const int previous = set_local_threads != nullptr ? set_local_threads(1) : 0;
-    sgemm(kRowMajor, kNoTrans, kNoTrans, static_cast<int>(rows), static_cast<int>(job.n),
-          static_cast<int>(job.k), 1.0f, job.x + first * job.k, static_cast<int>(job.k), job.w,
-          static_cast<int>(job.n), 0.0f, job.y + first * job.n, static_cast<int>(job.n));
+    sgemm(kRowMajor, kNoTrans, kNoTrans, rows, job.n, job.k, 1.0f, job.x + first * job.k, job.k, job.w,
+          job.n, 0.0f, job.y + first * job.n, job.n);
     if (set_local_threads != nullptr) set_local_threads(previous);
     if (job.done.fetch_add(1) + 1 == job.chunks) {
       std::lock_guard<std::mutex> lock(job.mu);
@@ -76,10 +75,6 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, Kernel w,
     return ffi::Error::InvalidArgument("flax_ce_cpu_matmul: result shape does not match x @ w");
   }
   const int64_t m = k > 0 ? static_cast<int64_t>(x.element_count()) / k : 0;
-  constexpr int64_t kIntMax = std::numeric_limits<int>::max();
-  if (m > kIntMax || n > kIntMax || k > kIntMax) {
-    return ffi::Error::InvalidArgument("flax_ce_cpu_matmul: a dimension exceeds the 32-bit BLAS interface");
-  }
   float* out = y->typed_data();
   if (k == 0) {  // an empty sum
     std::fill(out, out + static_cast<int64_t>(y->element_count()), 0.0f);

@@ -5,7 +5,7 @@ XLA's own fp32 GEMM on CPU (YNNPACK) is the one place where flax_ce loses to tor
 programs traced under `scope()`, every fp32 dense layer with at least MIN_ROWS rows calls MKL instead:
 a small C++ handler (cpu_matmul.cc, built once per machine with the system C++ compiler against jaxlib's
 FFI headers and cached) cuts the rows into one chunk per thread of XLA's intra-op pool and runs a
-single-threaded `cblas_sgemm` on each. Results agree with XLA's dot within fp32 rounding.
+single-threaded `cblas_sgemm_64` on each. Results agree with XLA's dot within fp32 rounding.
 
 The scoring engine traces its programs under `scope()`, so `CrossEncoder.predict`/`rank` and corpus jobs
 use it; `flax_ce.score` in your own programs does not, unless you trace them under `scope()` too (the
@@ -24,6 +24,7 @@ import contextlib
 import contextvars
 import ctypes
 import ctypes.util
+import functools
 import glob
 import hashlib
 import importlib.metadata
@@ -70,6 +71,7 @@ def mode() -> str:
     return value
 
 
+@functools.cache
 def intel_cpu() -> bool:
     """Whether this is an x86-64 Linux machine with an Intel CPU (vendor GenuineIntel)."""
     if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
@@ -139,6 +141,8 @@ def build_handler() -> str:
     except (OSError, subprocess.TimeoutExpired) as e:
         raise CpuMatmulUnavailable(f"building {SOURCE} with {compiler} failed: {e}") from e
     if done.returncode != 0:
+        with contextlib.suppress(OSError):
+            os.remove(partial)
         raise CpuMatmulUnavailable(f"building {SOURCE} with {compiler} failed:\n{done.stderr[-2000:]}")
     os.replace(partial, path)  # atomic: processes building at once each write their own file first
     return path
@@ -148,10 +152,10 @@ def _load() -> None:
     mkl = ctypes.CDLL(find_mkl())  # RTLD_LOCAL: nobody else's MKL symbols resolve to it
     handler = ctypes.CDLL(build_handler())
     try:
-        sgemm = ctypes.cast(mkl.cblas_sgemm, ctypes.c_void_p)
+        sgemm = ctypes.cast(mkl.cblas_sgemm_64, ctypes.c_void_p)  # 64-bit sizes (MKL 2023 and later)
         set_local = ctypes.cast(mkl.MKL_Set_Num_Threads_Local, ctypes.c_void_p)
     except AttributeError as e:
-        raise CpuMatmulUnavailable(f"{mkl._name} is not MKL's runtime library: {e}") from e
+        raise CpuMatmulUnavailable(f"{mkl._name} is not MKL 2023 or later's runtime library: {e}") from e
     handler.flax_ce_set_sgemm(sgemm, set_local)
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handler.FlaxCeCpuMatmul), platform="cpu")
     _libraries.extend([mkl, handler])
