@@ -40,6 +40,8 @@ from collections.abc import Iterator
 import jax
 import jax.numpy as jnp
 
+from flax_ce.cache_dirs import cache_dir
+
 logger = logging.getLogger("flax_ce")
 
 MODE_ENV = "FLAX_CE_CPU_MATMUL"
@@ -74,7 +76,7 @@ def mode() -> str:
 @functools.cache
 def intel_cpu() -> bool:
     """Whether this is an x86-64 Linux machine with an Intel CPU (vendor GenuineIntel)."""
-    if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
+    if sys.platform != "linux" or platform.machine() != "x86_64":
         return False
     try:
         with open("/proc/cpuinfo") as f:
@@ -111,10 +113,7 @@ def find_mkl() -> str:
 
 def native_dir() -> str:
     """Where built handlers are kept: $FLAX_CE_NATIVE_DIR, else $XDG_CACHE_HOME (or ~/.cache)/flax_ce/native."""
-    if os.environ.get(NATIVE_DIR_ENV):
-        return os.environ[NATIVE_DIR_ENV]
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "flax_ce", "native")
+    return os.environ.get(NATIVE_DIR_ENV) or cache_dir("native")
 
 
 def build_handler() -> str:

@@ -18,6 +18,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from flax_ce import cpu_matmul
+from flax_ce.cache_dirs import cache_dir
 from flax_ce.models.packing import Packing
 from flax_ce.packing import PackedBatch, packed_arrays, slots_for_length
 from flax_ce.planning import (
@@ -82,8 +83,7 @@ COMPILATION_CACHE_MAX_BYTES = 2 * 1024**3
 
 def default_compilation_cache_dir() -> str:
     """Where the default persistent compilation cache lives: $XDG_CACHE_HOME (or ~/.cache)/flax_ce/jax."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "flax_ce", "jax")
+    return cache_dir("jax")
 
 
 def enable_compilation_cache(
