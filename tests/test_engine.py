@@ -61,7 +61,19 @@ def test_new_weights_are_scored_and_reuse_compiled_programs(bert_dir):
 
     # Assigning one parameter is seen too.
     ce.model.head.out_proj.bias.set_value(ce.model.head.out_proj.bias.get_value() + 1.0)
-    assert np.abs(ce.predict(PAIRS) - after).max() > 1e-3
+    biased = ce.predict(PAIRS)
+    assert np.abs(biased - after).max() > 1e-3
+
+    # A submodule replaced by another of the same shapes, and a model left in train mode, are seen too
+    # (the engine skips nnx.split while the model's pytree and arrays are the ones it saw last).
+    old = ce.model.head.out_proj
+    ce.model.head.out_proj = nnx.Linear(old.in_features, old.out_features, rngs=nnx.Rngs(3))
+    replaced = ce.predict(PAIRS)
+    assert np.abs(replaced - ce.predict(PAIRS)).max() <= 1e-6
+    assert np.abs(replaced - biased).max() > 1e-3
+    ce.model.head.out_proj = old
+    ce.model.train()
+    assert np.abs(ce.predict(PAIRS) - biased).max() <= 1e-6  # those weights again; scoring never drops out
 
     # Other shapes or dtypes are another program: compiled again, not fed to the old one.
     head = ce.model.head.out_proj.kernel
