@@ -232,6 +232,7 @@ class ScoringEngine:
         if self._signature is None or graphdef != self._signature[0]:
             model.eval()
             graphdef, state = nnx.split(model)
+            seen = jax.tree.flatten(model)  # eval() may have changed the modes
         leaves, treedef = jax.tree.flatten(state)
         signature = (graphdef, treedef, [(x.shape, x.dtype) for x in leaves])
         if signature != self._signature:
@@ -241,7 +242,6 @@ class ScoringEngine:
             self._signature, self._placed = signature, None
         if self._placed is None or any(a is not b for a, b in zip(self._placed[0], leaves, strict=True)):
             self._placed = (leaves, self._place(state))
-        seen = jax.tree.flatten(model)  # after eval(), which may have changed the modes
         # A module that is not a pytree is a leaf of its own, and its arrays could change unseen.
         self._seen = seen if all(isinstance(x, jax.Array) for x in seen[0]) else None
         return self._placed[1]
@@ -466,8 +466,9 @@ class ScoringEngine:
 
 
 def _same_pytree(a: tuple[list, Any], b: tuple[list, Any]) -> bool:
-    """Whether two jax.tree.flatten results have equal treedefs and the very same leaf objects."""
-    return a[1] == b[1] and len(a[0]) == len(b[0]) and all(x is y for x, y in zip(a[0], b[0], strict=True))
+    """Whether two jax.tree.flatten results have equal treedefs (so as many leaves) and the very same leaf
+    objects."""
+    return a[1] == b[1] and all(x is y for x, y in zip(a[0], b[0], strict=True))
 
 
 def _program(batch: Batch | PackedBatch) -> tuple[int, int, int]:
