@@ -24,12 +24,12 @@ from flax_ce.models.packing import Packing
 from flax_ce.packing import PackedBatch, packed_arrays, slots_for_length
 from flax_ce.planning import (
     ACCELERATOR_COMPILE_UNITS,
-    CPU_COMPILE_UNITS,
     DEFAULT_TOKEN_BUDGET,
     PACK_LENGTH,
     PACKING_MIN_SAVING,
     Batch,
     ShapeCosts,
+    cpu_compile_units,
     plan_batches,
     plan_cost,
     plan_packed,
@@ -209,6 +209,10 @@ class ScoringEngine:
         # the planner adds is usually not in the cache, so loads must not make compiling look cheap.
         self._xla_compile_seconds = 0.0
         self._xla_compile_programs = 0
+        # What a compilation costs before one is measured, for the model last seen (`weights`).
+        self._compile_prior = (
+            cpu_compile_units([]) if jax.default_backend() == "cpu" else ACCELERATOR_COMPILE_UNITS
+        )
         # Units spent on padding beyond the plan that pads least, since the last call that compiled.
         self._padding_regret = 0.0
 
@@ -240,6 +244,8 @@ class ScoringEngine:
             self._forward = jit_forward(graphdef, self.mesh)
             self._packed_forward = jit_forward(graphdef, self.mesh, packed=True)
             self._signature, self._placed = signature, None
+            if jax.default_backend() == "cpu":
+                self._compile_prior = cpu_compile_units(_matrix_sizes(state))
         if self._placed is None or any(a is not b for a, b in zip(self._placed[0], leaves, strict=True)):
             self._placed = (leaves, self._place(state))
         # A module that is not a pytree is a leaf of its own, and its arrays could change unseen.
@@ -356,11 +362,12 @@ class ScoringEngine:
 
     def compile_units(self) -> float:
         """What compiling one more shape costs, in the planner's units (flax_ce.planning): this engine's
-        mean XLA compile time over its measured time per unit, or a per-backend default before it has both."""
+        mean XLA compile time over its measured time per unit; before it has both, a per-backend default
+        (on CPU scaled to the size of the model last passed, flax_ce.planning.cpu_compile_units)."""
         if self._xla_compile_programs and self._run_units and self._run_seconds > 0:
             seconds_per_unit = self._run_seconds / self._run_units
             return (self._xla_compile_seconds / self._xla_compile_programs) / seconds_per_unit
-        return CPU_COMPILE_UNITS if jax.default_backend() == "cpu" else ACCELERATOR_COMPILE_UNITS
+        return self._compile_prior
 
     def shape_costs(self, packed: bool, batch_size: int | None, compile_units: float) -> ShapeCosts:
         """The planner's prices: this engine's compiled shapes of that kind are free, others cost
@@ -446,9 +453,9 @@ class ScoringEngine:
         start, compiling = time.perf_counter(), self.compile_seconds
         out = np.zeros((len(ids), num_outputs), dtype=np.float32)
         lengths = [len(x) for x in ids]
+        state = self.weights(model)  # first: a new model drops the programs the plan would count on
         plan = self.plan(lengths, batch_size, token_budget)
         self._count_padding(plan, lengths, batch_size, token_budget)
-        state = self.weights(model)
         self.compile_programs(state, [_program(batch) for batch in plan])
         pending: deque = deque()
         for batch in progress(plan):
@@ -463,6 +470,16 @@ class ScoringEngine:
         self._run_seconds += time.perf_counter() - start - (self.compile_seconds - compiling)
         self._run_units += plan_units(plan)
         return out
+
+
+def _matrix_sizes(state: nnx.State) -> list[int]:
+    """Sizes of the weight matrices a token is multiplied by: arrays of two or more dimensions, embedding
+    tables (nnx.Embed's `embedding`) left out."""
+    return [
+        leaf.size
+        for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]
+        if leaf.ndim >= 2 and not any(getattr(key, "key", None) == "embedding" for key in path)
+    ]
 
 
 def _same_pytree(a: tuple[list, Any], b: tuple[list, Any]) -> bool:

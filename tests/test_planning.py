@@ -17,6 +17,7 @@ from flax_ce.planning import (
     batch_cost,
     bucket_length,
     choose_lengths,
+    cpu_compile_units,
     plan_batches,
     plan_cost,
     plan_packed,
@@ -109,6 +110,51 @@ def test_choose_lengths_is_the_exact_minimum():
 
 def test_batch_cost_grows_with_rows_and_length():
     assert batch_cost(8, 512) > batch_cost(32, 128) > batch_cost(16, 128)
+
+
+def encoder_matrices(layers: int, hidden: int, intermediate: int, labels: int = 1) -> list[int]:
+    """Weight matrix sizes of a BERT-like cross-encoder: per layer q, k, v, output and two feed-forward,
+    then the pooler and the classifier."""
+    layer = [hidden * hidden] * 4 + [hidden * intermediate] * 2
+    return layer * layers + [hidden * hidden, hidden * labels]
+
+
+def test_compile_price_before_measuring_follows_the_model_size():
+    minilm = encoder_matrices(6, 384, 1536)
+    assert cpu_compile_units(minilm) == CPU_COMPILE_UNITS  # the model the default was measured on
+    # DeBERTa-v3-xsmall's encoder (twice MiniLM-L6's layers): its own compilations measured 3,300-4,500
+    # units on 2 cores.
+    deberta_xsmall = cpu_compile_units(encoder_matrices(12, 384, 1536))
+    assert 3300 < deberta_xsmall < 4500
+    base, large = (
+        cpu_compile_units(encoder_matrices(12, 768, 3072)),
+        cpu_compile_units(encoder_matrices(24, 1024, 4096)),
+    )
+    assert large < base < deberta_xsmall
+    assert cpu_compile_units(encoder_matrices(2, 128, 512)) == CPU_COMPILE_UNITS  # smaller: not above
+    assert cpu_compile_units([]) == CPU_COMPILE_UNITS
+
+
+def test_engine_prices_compilation_of_a_model_it_has_not_measured_by_its_size():
+    """The engine counts the model's weight matrices, embedding tables left out, before its first call."""
+    from flax import nnx
+
+    from flax_ce.engine import ScoringEngine
+    from flax_ce.models.bert import BertCrossEncoder, config_from_dict
+
+    raw = {
+        "model_type": "bert",
+        "vocab_size": 3000,
+        "hidden_size": 512,
+        "num_hidden_layers": 6,
+        "num_labels": 1,
+    }
+    raw.update(num_attention_heads=8, intermediate_size=2048, max_position_embeddings=128, type_vocab_size=2)
+    model = BertCrossEncoder(config_from_dict(raw), rngs=nnx.Rngs(0))
+    engine = ScoringEngine(pad_id=0, max_length=128)
+    assert engine.compile_units() == CPU_COMPILE_UNITS
+    engine.weights(model)
+    assert engine.compile_units() == cpu_compile_units(encoder_matrices(6, 512, 2048)) < CPU_COMPILE_UNITS
 
 
 def test_engine_prices_compilation_from_its_own_measurements(bert_dir):
