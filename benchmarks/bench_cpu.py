@@ -99,18 +99,38 @@ BAND_UNTIMED_CALLS = 6
 BAND_TIMED_CALLS = 5
 
 
-def steady_seconds(predict, pairs) -> tuple[float, float]:
+def host_ticks() -> list[int] | None:
+    """The machine's CPU time counters since boot (/proc/stat's first line: user, nice, system, idle,
+    iowait, irq, softirq, steal, ...), or None where there is no /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            return [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+
+
+def steal_share(before: list[int] | None, after: list[int] | None) -> float | None:
+    """The share of the machine's CPU time that its hypervisor gave to other guests (steal) in between."""
+    if before is None or after is None or len(before) < 8:
+        return None
+    total = sum(after[:8]) - sum(before[:8])
+    return (after[7] - before[7]) / total if total > 0 else None
+
+
+def steady_seconds(predict, pairs) -> tuple[float, float, float | None]:
     """Median wall seconds and median process CPU seconds (all threads) of a call on `pairs` once repeated
-    calls have settled (the steady state of a process that scores such calls again and again). CPU time
-    does not count what other tenants of a shared machine take, so its ratios move less between runs."""
+    calls have settled (the steady state of a process that scores such calls again and again), and the
+    host's steal share meanwhile. CPU time does not count what other tenants of a shared machine take, so
+    its ratios move less between runs."""
     for _ in range(BAND_UNTIMED_CALLS):
         predict(pairs)
     wall, cpu = [], []
+    ticks = host_ticks()
     for _ in range(BAND_TIMED_CALLS):
         start_cpu = time.process_time()
         wall.append(timed(predict, pairs)[1])
         cpu.append(time.process_time() - start_cpu)
-    return statistics.median(wall), statistics.median(cpu)
+    return statistics.median(wall), statistics.median(cpu), steal_share(ticks, host_ticks())
 
 
 def worker(spec: dict) -> dict:
@@ -129,8 +149,9 @@ def worker(spec: dict) -> dict:
     if spec["bands"]:
         bands = {name: [tuple(p) for p in band] for name, band in workload["bands"].items() if band}
         steady = {name: steady_seconds(predict, band) for name, band in bands.items()}
-        result["band_s"] = {name: wall for name, (wall, _) in steady.items()}
-        result["band_cpu_s"] = {name: cpu for name, (_, cpu) in steady.items()}
+        result["band_s"] = {name: wall for name, (wall, _, _) in steady.items()}
+        result["band_cpu_s"] = {name: cpu for name, (_, cpu, _) in steady.items()}
+        result["band_steal"] = {name: steal for name, (_, _, steal) in steady.items()}
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return result
 
@@ -286,12 +307,20 @@ def summarise(results: dict[str, list[dict]], stats: dict) -> dict:
     first_info = {
         name: results[name][0]["first_info"] for name in ("flax", "flax_first_empty", "deberta_flax")
     }
+    steal = {
+        name: max(
+            (share for run in results[name] for share in run["band_steal"].values() if share is not None),
+            default=0.0,
+        )
+        for name in ("st", "flax", "flax_bs32")
+    }
     memory = {name: statistics.median(r["peak_rss_mib"] for r in runs) for name, runs in results.items()}
     load = {name: statistics.median(r["load_s"] for r in runs) for name, runs in results.items()}
     return {
         "warm": warm,
         "first": first,
         "bands": bands,
+        "band_steal_max": steal,
         "deberta": deberta,
         "max_abs_diff_vs_st": agreement,
         "first_call_programs": first_info,
@@ -353,6 +382,13 @@ def warm_tables(s: dict, stats: dict) -> list[str]:
             f"**{ratio(entry['flax'], entry['st'])}** | {cpu_ratios[0]} | {entry['flax_bs32']:.1f} | "
             f"{ratio(entry['flax_bs32'], entry['st'])} | {cpu_ratios[1]} |"
         )
+    steal = s.get("band_steal_max")  # absent from results measured before it (--tables)
+    if steal:
+        shares = ", ".join(f"{name} {100 * share:.1f}%" for name, share in steal.items())
+        lines += [
+            "",
+            f"Largest steal share of the host's CPU time while a band was timed (/proc/stat): {shares}.",
+        ]
     return lines
 
 
