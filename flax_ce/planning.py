@@ -56,8 +56,8 @@ COMPILE_BASE_MATRICES = 63
 def cpu_compile_units(matrix_sizes: Sequence[int]) -> float:
     """CPU_COMPILE_UNITS for a model whose weight matrices (embedding tables aside) have these sizes:
     MiniLM-L6's price, times its compile time relative to MiniLM-L6's, over its run time per unit relative
-    to MiniLM-L6's (never more than MiniLM-L6's). DeBERTa-v3-xsmall (74 matrices, 21.4M weights) gets about 4,200, which its own
-    measured compilations confirm (3,300-4,500 on 2 cores)."""
+    to MiniLM-L6's (never more than MiniLM-L6's). DeBERTa-v3-xsmall (74 matrices, 21.4M weights) gets
+    about 4,200, which its own measured compilations confirm (3,300-4,500 on 2 cores)."""
     if not matrix_sizes:
         return float(CPU_COMPILE_UNITS)
     compile_scale = (COMPILE_BASE_MATRICES + len(matrix_sizes)) / (COMPILE_BASE_MATRICES + REFERENCE_MATRICES)
