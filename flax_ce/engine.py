@@ -209,10 +209,9 @@ class ScoringEngine:
         # the planner adds is usually not in the cache, so loads must not make compiling look cheap.
         self._xla_compile_seconds = 0.0
         self._xla_compile_programs = 0
-        # What a compilation costs before one is measured, for the model last seen (`weights`).
-        self._compile_prior = (
-            cpu_compile_units([]) if jax.default_backend() == "cpu" else ACCELERATOR_COMPILE_UNITS
-        )
+        # The weight matrices of the model last seen (`weights`): they price a compilation before one is
+        # measured.
+        self._matrix_sizes: list[int] = []
         # Units spent on padding beyond the plan that pads least, since the last call that compiled.
         self._padding_regret = 0.0
 
@@ -244,8 +243,7 @@ class ScoringEngine:
             self._forward = jit_forward(graphdef, self.mesh)
             self._packed_forward = jit_forward(graphdef, self.mesh, packed=True)
             self._signature, self._placed = signature, None
-            if jax.default_backend() == "cpu":
-                self._compile_prior = cpu_compile_units(_matrix_sizes(state))
+            self._matrix_sizes = _matrix_sizes(state)
         if self._placed is None or any(a is not b for a, b in zip(self._placed[0], leaves, strict=True)):
             self._placed = (leaves, self._place(state))
         # A module that is not a pytree is a leaf of its own, and its arrays could change unseen.
@@ -367,7 +365,11 @@ class ScoringEngine:
         if self._xla_compile_programs and self._run_units and self._run_seconds > 0:
             seconds_per_unit = self._run_seconds / self._run_units
             return (self._xla_compile_seconds / self._xla_compile_programs) / seconds_per_unit
-        return self._compile_prior
+        return (
+            cpu_compile_units(self._matrix_sizes)
+            if jax.default_backend() == "cpu"
+            else ACCELERATOR_COMPILE_UNITS
+        )
 
     def shape_costs(self, packed: bool, batch_size: int | None, compile_units: float) -> ShapeCosts:
         """The planner's prices: this engine's compiled shapes of that kind are free, others cost
