@@ -14,7 +14,8 @@ pairs/s overall and per length band; the first predict call in a fresh process w
 compilation cache; a DeBERTa-v3-xsmall-shaped model (random weights) warm and first call. Writes
 benchmarks/results/cpu.md (the tables, with the fixed-shape table of forward.md in the same folder if
 benchmarks/bench_forward.py has written it) and cpu.json (every process's timings); `--out DIR/cpu` writes
-DIR/cpu.{md,json} instead, and reads DIR/forward.md (results/xeon-icelake/ holds a second machine's run).
+DIR/cpu.{md,json} instead, and reads DIR/forward.md (results/xeon-icelake/ and the other folders there hold
+other machines' runs).
 """
 
 from __future__ import annotations
