@@ -5,9 +5,8 @@ batch_size inputs). Every shape costs one compilation the first time, which on C
 several thousand tokens, so a call that would need a shape for a handful of inputs (the last, partial
 batch of a bucket; a bucket with two long inputs) weighs that against padding them into a shape it has or
 needs anyway: `ShapeCosts` prices both in one unit, and `choose_lengths` merges adjacent buckets where
-that is cheaper. Shapes already compiled cost nothing; the engine (`ScoringEngine.plan`) lowers the price
-of a new one by the padding its plans have paid since it last compiled, so repeated calls reach the plan
-that pads least.
+that is cheaper. Shapes already compiled cost nothing; the engine (`ScoringEngine.plan`) lets the padding
+its calls have paid go toward compiling new ones, so repeated calls approach the plan that pads least.
 """
 
 from __future__ import annotations
