@@ -206,3 +206,12 @@ def test_mutated_weights(bert_dir, unmutated, edit):
     with tempfile.TemporaryDirectory() as model_dir:
         write_checkpoint(bert_dir, model_dir, weights=edit_weights(weights, edit))
         check_loads_with_parity_or_refuses(model_dir, unmutated)
+
+
+def test_model_type_that_is_not_a_string_is_a_config_error():
+    """Found by test_mutated_config: a list model_type crashed with "unhashable type" instead."""
+    from flax_ce.config import ConfigError
+    from flax_ce.models import config_from_dict
+
+    with pytest.raises(ConfigError, match="model_type"):
+        config_from_dict({"model_type": []}, "x/config.json")

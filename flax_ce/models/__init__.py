@@ -41,7 +41,7 @@ def family_of(config_or_model_type: Any) -> Family:
 def config_from_dict(raw: Mapping[str, Any], source: str | os.PathLike = "config.json"):
     """The family's frozen config for a raw config.json dict; one ConfigError lists every unsupported setting."""
     model_type = raw.get("model_type")
-    if model_type not in FAMILIES:
+    if not isinstance(model_type, str) or model_type not in FAMILIES:  # a list is unhashable
         raise ConfigError(
             f"{source}: model_type {model_type!r} is not supported (supported: {', '.join(sorted(FAMILIES))})"
         )
