@@ -424,17 +424,16 @@ class ScoringEngine:
         CREDIT_SPLITS prices (and at compile_units) are compared at their exact costs."""
 
         def exact(plan: list) -> float:
-            new = {_program(batch) for batch in plan} - self._programs.keys()
-            return plan_units(plan) + max(0.0, len(new) * compile_units - paid)
+            return plan_units(plan) + max(0.0, len(self._new_programs(plan)) * compile_units - paid)
 
         prices = sorted({max(0.0, compile_units - paid / k) for k in CREDIT_SPLITS} | {compile_units})
         # Cheapest price first: a plan that compiles nothing even then is the plan at every price.
-        cheapest, _ = self._plan(lengths, packed, prices[0], batch_size, token_budget)
+        cheapest = self._plan(lengths, packed, prices[0], batch_size, token_budget)
         best = (cheapest, exact(cheapest))
-        if all(_program(batch) in self._programs for batch in cheapest):
+        if not self._new_programs(cheapest):
             return best
         for price in prices[1:]:
-            plan, _ = self._plan(lengths, packed, price, batch_size, token_budget)
+            plan = self._plan(lengths, packed, price, batch_size, token_budget)
             cost = exact(plan)
             if cost < best[1]:
                 best = (plan, cost)
@@ -447,7 +446,7 @@ class ScoringEngine:
         compile_units: float,
         batch_size: int | None,
         token_budget: int,
-    ) -> tuple[list[Batch] | list[PackedBatch], ShapeCosts]:
+    ) -> list[Batch] | list[PackedBatch]:
         costs = self.shape_costs(packed, batch_size, compile_units)
         settings = {
             "batch_size": batch_size,
@@ -456,12 +455,14 @@ class ScoringEngine:
             "budget_caps_batch_size": self.budget_caps_batch_size,
         }
         if packed:
-            plan = plan_packed(
+            return plan_packed(
                 lengths, self.max_length, pack_length=self.pack_length, costs=costs, **settings
             )
-        else:
-            plan = plan_batches(lengths, self.max_length, costs=costs, **settings)
-        return plan, costs
+        return plan_batches(lengths, self.max_length, costs=costs, **settings)
+
+    def _new_programs(self, plan: list[Batch] | list[PackedBatch]) -> set[tuple[int, int, int]]:
+        """The programs running `plan` would compile."""
+        return {_program(batch) for batch in plan} - self._programs.keys()
 
     def plan_call(
         self, lengths: Sequence[int], batch_size: int | None, token_budget: int
@@ -470,12 +471,12 @@ class ScoringEngine:
         padding paid so far (up to its compilations' cost), one that does not adds what it pads beyond the
         plan that pads least (of the same kind, packed or not)."""
         plan = self.plan(lengths, batch_size, token_budget)
-        new = {_program(batch) for batch in plan} - self._programs.keys()
+        new = self._new_programs(plan)
         if new:
             self._padding_paid = max(0.0, self._padding_paid - len(new) * self.compile_units())
         else:
             packed = any(isinstance(batch, PackedBatch) for batch in plan)
-            least, _ = self._plan(lengths, packed, 0.0, batch_size, token_budget)
+            least = self._plan(lengths, packed, 0.0, batch_size, token_budget)
             self._padding_paid += max(0.0, plan_units(plan) - plan_units(least))
         return plan
 
