@@ -34,7 +34,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from report import cpu_model, run_fresh, write_results  # noqa: E402
+from report import cpu_model, run_engine, write_results  # noqa: E402
 
 # Length bands in tokens (lower bound inclusive, upper exclusive); 512 is the truncated limit itself.
 BANDS = {"<64": (0, 64), "64-128": (64, 128), "128-256": (128, 256), "256-511": (256, 512), "512": (512, 513)}
@@ -206,16 +206,8 @@ def build_workload(root: str, args) -> tuple[dict, dict]:
 
 
 def run_worker(spec: dict, cache_home: str) -> dict:
-    """One fresh process for `spec`; flax_ce's default compilation cache lives under `cache_home`. The MKL
-    matmul handler (flax_ce.cpu_matmul, built once per machine like an installed package) is shared by all
-    processes beside it and built by the priming run, so no round pays for its C++ compilation."""
-    env = {**os.environ, "XDG_CACHE_HOME": cache_home, "HF_HUB_OFFLINE": "1"}
-    env["FLAX_CE_NATIVE_DIR"] = os.path.join(os.path.dirname(cache_home), "native")
-    env.pop("FLAX_CE_COMPILATION_CACHE", None)
-    start = time.perf_counter()
-    result = run_fresh(__file__, spec, env, spec["name"])
-    result["process_s"] = time.perf_counter() - start
-    return result
+    """One fresh process for `spec` (report.run_engine)."""
+    return run_engine(__file__, spec, cache_home)
 
 
 def variants(paths: dict) -> list[dict]:

@@ -31,7 +31,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from report import cpu_model, run_fresh, write_results  # noqa: E402
+from report import cpu_model, run_engine, write_results  # noqa: E402
 
 ENGINES = ("st", "flax_empty_cache", "flax_warm_cache")
 
@@ -138,15 +138,8 @@ def build_workload(root: str, args) -> tuple[dict, dict]:
 
 
 def run_worker(spec: dict, cache_home: str) -> dict:
-    """One fresh process; flax_ce's default compilation cache lives under `cache_home`, its MKL handler
-    (built once per machine, like an installed package) beside it."""
-    env = {**os.environ, "XDG_CACHE_HOME": cache_home, "HF_HUB_OFFLINE": "1"}
-    env["FLAX_CE_NATIVE_DIR"] = os.path.join(os.path.dirname(cache_home), "native")
-    env.pop("FLAX_CE_COMPILATION_CACHE", None)
-    start = time.perf_counter()
-    result = run_fresh(__file__, spec, env, spec["name"])
-    result["process_s"] = time.perf_counter() - start
-    return result
+    """One fresh process for `spec` (report.run_engine)."""
+    return run_engine(__file__, spec, cache_home)
 
 
 def run_rounds(paths: dict, engines: list[str], rounds: int, root: str) -> dict[str, list[dict]]:
