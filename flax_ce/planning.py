@@ -4,8 +4,8 @@ Inputs are sorted by length and padded to 32-token buckets; a batch fills the to
 batch_size inputs). Every shape costs one compilation the first time, which on CPU takes as long as scoring
 several thousand tokens, so a call that would need a shape for a handful of inputs (the last, partial
 batch of a bucket; a bucket with two long inputs) weighs that against padding them into a shape it has or
-needs anyway: `ShapeCosts` prices both in one unit, and `choose_lengths` merges adjacent buckets where
-that is cheaper. Shapes already compiled cost nothing; the engine (`ScoringEngine.plan`) lets the padding
+needs anyway: `ShapeCosts` prices both in one unit, and `choose_lengths` merges adjacent buckets, or pads
+them to a longer compiled length, where that is cheaper. Shapes already compiled cost nothing; the engine (`ScoringEngine.plan`) lets the padding
 its calls have paid go toward compiling new ones, so repeated calls approach the plan that pads least.
 """
 
@@ -116,23 +116,31 @@ def choose_lengths(
     counts: dict[int, int], rows_at: Callable[[int], int], costs: ShapeCosts, multiple: int = 1
 ) -> dict[int, int]:
     """The length each bucket's inputs are padded to: runs of adjacent buckets share the longest one's
-    shapes where that costs less than their own (fewer compilations against more padding).
+    shapes, or a longer length with compiled shapes (`costs.known`), where that costs less than their own
+    (fewer compilations against more padding).
 
     counts: inputs per bucket length; rows_at(length): rows of a full batch. An exact minimum over all
-    such groupings (dynamic programming over the sorted buckets, at most max_length / 32 of them)."""
+    such groupings and lengths (dynamic programming over the sorted buckets, at most max_length / 32 of
+    them, each run trying its own length and every longer compiled one). Without the compiled lengths, a
+    small call whose buckets have no compiled shape would compile one even beside a compiled longer shape
+    that pads it for less than a compilation costs."""
     lengths = sorted(counts, reverse=True)
+    compiled = sorted({length for _, length in costs.known})
     best = [0.0] * (len(lengths) + 1)
     group_end = [len(lengths)] * len(lengths)
+    group_length = list(lengths)
     for i in range(len(lengths) - 1, -1, -1):
         best[i], count = math.inf, 0
+        targets = [lengths[i]] + [length for length in compiled if length > lengths[i]]
         for j in range(i + 1, len(lengths) + 1):
             count += counts[lengths[j - 1]]
-            cost = costs.group_cost(count, lengths[i], rows_at(lengths[i]), multiple) + best[j]
-            if cost < best[i]:
-                best[i], group_end[i] = cost, j
+            for target in targets:
+                cost = costs.group_cost(count, target, rows_at(target), multiple) + best[j]
+                if cost < best[i]:
+                    best[i], group_end[i], group_length[i] = cost, j, target
     padded_to, i = {}, 0
     while i < len(lengths):
-        padded_to.update((length, lengths[i]) for length in lengths[i : group_end[i]])
+        padded_to.update((length, group_length[i]) for length in lengths[i : group_end[i]])
         i = group_end[i]
     return padded_to
 
@@ -186,6 +194,10 @@ def plan_batches(
 
     padded_to = choose_lengths(Counter(buckets.tolist()), rows_at, costs, multiple)
     buckets = np.array([padded_to[int(b)] for b in buckets], dtype=np.int64)
+    # A run of shorter buckets may be padded to a compiled length beyond a longer run's: order by padded
+    # length again (stably, so each length's inputs stay longest first).
+    regroup = np.argsort(-buckets, kind="stable")
+    order, buckets = order[regroup], buckets[regroup]
     batches, start = [], 0
     while start < len(order):
         length = int(buckets[start])

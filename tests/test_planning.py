@@ -79,12 +79,18 @@ def test_packed_rows_merge_too():
 def brute_force(counts, rows_at, costs):
     """The cheapest grouping of the sorted buckets into runs, by trying every set of cut points."""
     lengths = sorted(counts, reverse=True)
+    compiled = {length for _, length in costs.known}
+
+    def group_cost(group):
+        count = sum(counts[n] for n in group)
+        targets = [group[0]] + [n for n in compiled if n > group[0]]
+        return min(costs.group_cost(count, n, rows_at(n), 1) for n in targets)
+
     best = float("inf")
     for cuts in itertools.product((False, True), repeat=len(lengths) - 1):
         total, start = 0.0, 0
         for end in [i + 1 for i, cut in enumerate(cuts) if cut] + [len(lengths)]:
-            group = lengths[start:end]
-            total += costs.group_cost(sum(counts[n] for n in group), group[0], rows_at(group[0]), 1)
+            total += group_cost(lengths[start:end])
             start = end
         best = min(best, total)
     return best
@@ -99,7 +105,9 @@ def test_choose_lengths_is_the_exact_minimum():
     for trial in range(40):
         buckets = rng.choice(np.arange(32, 513, 32), size=rng.randint(1, 9), replace=False)
         counts = {int(b): int(rng.randint(1, 40)) for b in buckets}
-        known = {(rows_at(b), b) for b in buckets if rng.rand() < 0.3}
+        # Compiled shapes at some of the call's lengths and at lengths it does not have.
+        known = {(rows_at(b), b) for b in np.arange(32, 513, 32) if rng.rand() < 0.2}
+        known |= {(int(rng.choice([1, 2, 4])), int(b)) for b in np.arange(32, 513, 32) if rng.rand() < 0.1}
         costs = ShapeCosts(frozenset(known), float(rng.choice([0, 1000, 6144, 50000])))
         padded_to = choose_lengths(counts, rows_at, costs)
         groups = Counter(padded_to.values())
@@ -232,6 +240,33 @@ def test_repeated_calls_compile_only_what_their_padding_paid_for(packing, monkey
         gaps.append(plan_units(plan) - least)
     assert compiled[0] and sum(compiled[1:]), compiled  # the first call pads, later ones compile
     assert gaps[-1] < 0.1 * gaps[0], gaps  # most of that padding ends
+
+
+def test_a_call_pads_to_a_longer_compiled_shape_rather_than_compile_its_own():
+    """Free shapes at lengths the call's buckets do not have count too: one short pair beside a compiled
+    [1, 512] costs its padding, not a compilation; inputs padded past a longer run's length still form
+    batches of one length each, longest first, holding every input once."""
+    costs = ShapeCosts(frozenset({(8, 416), (1, 512)}), COMPILE)
+    lengths = [400] * 8 + [20]
+    plan = plan_batches(lengths, 512, costs=costs)
+    assert sorted((b.rows, b.length) for b in plan) == [(1, 512), (8, 416)]
+    assert sorted(np.concatenate([b.indices for b in plan]).tolist()) == list(range(len(lengths)))
+    assert all(lengths[i] <= b.length for b in plan for i in b.indices)
+    packed = plan_packed(lengths, 512, costs=costs)
+    assert sorted((b.rows, b.length) for b in packed) == [(1, 512), (8, 416)]
+    # Compiling free (the plan that pads least): the short pair gets its own shape.
+    assert (1, 32) in {(b.rows, b.length) for b in plan_batches(lengths, 512)}
+
+
+def test_small_calls_use_a_compiled_longer_program(monkeypatch):
+    engine = ScoringEngine(pad_id=0, max_length=512, packing=False)
+    monkeypatch.setattr(engine, "_lower", lambda state, *key: types.SimpleNamespace(compile=lambda: None))
+    shapes = []
+    for lengths in ([450], [300], [200], [40]):
+        plan = engine.plan_call(lengths, None, DEFAULT_TOKEN_BUDGET)
+        engine.compile_programs(None, [_program(batch) for batch in plan])
+        shapes += [(b.rows, b.length) for b in plan]
+    assert engine.compile_count == 1 and shapes == [(1, 480)] * 4
 
 
 def test_budget_caps_batch_size_only_where_it_is_exceeded():
