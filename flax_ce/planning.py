@@ -5,8 +5,9 @@ batch_size inputs). Every shape costs one compilation the first time, which on C
 several thousand tokens, so a call that would need a shape for a handful of inputs (the last, partial
 batch of a bucket; a bucket with two long inputs) weighs that against padding them into a shape it has or
 needs anyway: `ShapeCosts` prices both in one unit, and `choose_lengths` merges adjacent buckets, or pads
-them to a longer compiled length, where that is cheaper. Shapes already compiled cost nothing; the engine (`ScoringEngine.plan`) lets the padding
-its calls have paid go toward compiling new ones, so repeated calls approach the plan that pads least.
+them to a longer compiled length, where that is cheaper. Shapes already compiled cost nothing; the engine
+(`ScoringEngine.plan`) lets the padding its calls have paid go toward compiling new ones, so repeated calls
+approach the plan that pads least.
 """
 
 from __future__ import annotations
